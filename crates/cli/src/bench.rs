@@ -1,0 +1,134 @@
+//! `ramole bench ...`: throughput figures measured side by side in one run.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use ramole_core::model::{LoadOptions, LogitsAt, Model, NoDelta, Requantize, RowInput};
+use serde_json::json;
+
+use crate::BaseArgs;
+
+#[derive(Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Prefill and decode tokens/s of one model, batch 1. For a GGUF with Q4_1/Q5_x tensors both
+    /// the stored form and the Q8_0 re-quantization are measured, side by side.
+    Model(ModelBench),
+}
+
+#[derive(Args)]
+pub(crate) struct ModelBench {
+    #[command(flatten)]
+    base: BaseArgs,
+    /// Tokens of the prefill measurement.
+    #[arg(long, default_value_t = 256)]
+    prompt_tokens: usize,
+    /// Greedy decode steps after a 32-token prompt.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Runs per figure; the best is reported (the machines are noisy).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Model(b) => model_bench(b),
+    }
+}
+
+fn synthetic_ids(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919) % (vocab - 200) + 100) as u32).collect()
+}
+
+fn model_bench(b: ModelBench) -> Result<()> {
+    let variants: Vec<(&str, Requantize)> = if b.base.keep_quant {
+        vec![("as stored", Requantize::Never)]
+    } else {
+        vec![
+            ("as stored", Requantize::Never),
+            ("slow types as q8_0", Requantize::SlowTypes),
+        ]
+    };
+    let mut results = Vec::new();
+    for (name, requantize) in variants {
+        let t = Instant::now();
+        let model = Model::load(
+            &b.base.base,
+            &LoadOptions {
+                requantize,
+                ..LoadOptions::default()
+            },
+        )?;
+        let load_s = t.elapsed().as_secs_f64();
+        let d = &model.decoder;
+        let vocab = d.config().vocab_size;
+        let prompt = synthetic_ids(b.prompt_tokens, vocab);
+        let short = synthetic_ids(32, vocab);
+        let mut best_prefill = 0f64;
+        let mut best_decode = 0f64;
+        // One warm-up run, then the measured ones.
+        for rep in 0..=b.repeats {
+            let mut cache = d.new_cache();
+            let t = Instant::now();
+            d.forward(&[RowInput { tokens: &prompt }], &mut [&mut cache], LogitsAt::Last, &NoDelta)?;
+            let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
+            let mut cache = d.new_cache();
+            let logits = d.forward(&[RowInput { tokens: &short }], &mut [&mut cache], LogitsAt::Last, &NoDelta)?;
+            let mut next = argmax(&logits.squeeze(0)?.to_vec1()?);
+            let t = Instant::now();
+            for _ in 0..b.decode_tokens {
+                let l = d.forward(&[RowInput { tokens: &[next] }], &mut [&mut cache], LogitsAt::Last, &NoDelta)?;
+                next = argmax(&l.squeeze(0)?.to_vec1()?);
+            }
+            let decode = b.decode_tokens as f64 / t.elapsed().as_secs_f64();
+            if rep > 0 {
+                best_prefill = best_prefill.max(prefill);
+                best_decode = best_decode.max(decode);
+            }
+        }
+        results.push(json!({
+            "variant": name,
+            "weight_mb": d.weight_bytes() as f64 / 1e6,
+            "load_s": load_s,
+            "prefill_tok_s": best_prefill,
+            "decode_tok_s": best_decode,
+        }));
+    }
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into());
+    if b.json {
+        println!(
+            "{}",
+            json!({"base": b.base.base, "prompt_tokens": b.prompt_tokens, "decode_tokens": b.decode_tokens,
+                   "threads": threads, "results": results})
+        );
+    } else {
+        println!(
+            "{} | prefill {} tokens, decode {} tokens, threads {threads}, best of {}",
+            b.base.base.display(),
+            b.prompt_tokens,
+            b.decode_tokens,
+            b.repeats
+        );
+        println!("{:<22} {:>10} {:>14} {:>14}", "variant", "weights MB", "prefill tok/s", "decode tok/s");
+        for r in &results {
+            println!(
+                "{:<22} {:>10.1} {:>14.1} {:>14.1}",
+                r["variant"].as_str().unwrap_or(""),
+                r["weight_mb"].as_f64().unwrap_or(0.0),
+                r["prefill_tok_s"].as_f64().unwrap_or(0.0),
+                r["decode_tok_s"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i as u32)
+}

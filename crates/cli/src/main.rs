@@ -1,0 +1,227 @@
+//! The `ramole` command line: a thin layer of argument parsing and printing over ramole-core.
+//! Errors go to stderr with a non-zero exit status; `--json` prints exactly one JSON object.
+
+mod bench;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use ramole_core::model::{
+    ChatMessage, GenerateParams, LoadOptions, LogitsAt, Model, NoDelta, Requantize, RowInput,
+    Sampling, generate,
+};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "ramole", version, about = "Chat with a local model that mixes LoRA experts")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation (or, with --chat, an assistant reply).
+    Generate(GenerateArgs),
+    /// Print the next-token logits after a prompt.
+    Logits(LogitsArgs),
+    /// Benchmarks (tokens per second), printed as a table or JSON.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct BaseArgs {
+    /// A Hugging Face model folder or a .gguf file.
+    #[arg(long)]
+    base: PathBuf,
+    /// Keep Q4_1/Q5_0/Q5_1 GGUF tensors as stored instead of re-quantizing them to Q8_0 at load
+    /// (candle has no SIMD kernel for them: slower, less memory).
+    #[arg(long)]
+    keep_quant: bool,
+}
+
+impl BaseArgs {
+    pub(crate) fn load(&self) -> Result<Model> {
+        let opts = LoadOptions {
+            requantize: if self.keep_quant {
+                Requantize::Never
+            } else {
+                Requantize::SlowTypes
+            },
+            ..LoadOptions::default()
+        };
+        Model::load(&self.base, &opts).with_context(|| format!("loading {}", self.base.display()))
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    base: BaseArgs,
+    /// The prompt (with --chat: the user message).
+    #[arg(long)]
+    prompt: String,
+    /// Render the prompt as a user message with the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message (with --chat).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 = no limit.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop before this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    base: BaseArgs,
+    #[arg(long)]
+    prompt: String,
+    /// How many of the largest logits to print.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => run_generate(a),
+        Command::Logits(a) => run_logits(a),
+        Command::Bench(b) => bench::run(b),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const MAX_PROMPT_BYTES: usize = 1 << 20;
+
+fn check_prompt(prompt: &str) -> Result<()> {
+    if prompt.len() > MAX_PROMPT_BYTES {
+        bail!(
+            "--prompt is {} bytes; the limit is {MAX_PROMPT_BYTES}",
+            prompt.len()
+        );
+    }
+    Ok(())
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    check_prompt(&a.prompt)?;
+    if a.max_tokens == 0 || a.max_tokens > 1 << 20 {
+        bail!("--max-tokens {} must be between 1 and 1048576", a.max_tokens);
+    }
+    let model = a.base.load()?;
+    let prompt_ids = if a.chat {
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(ChatMessage::new("system", s));
+        }
+        messages.push(ChatMessage::new("user", &a.prompt));
+        model.chat_prompt(&messages)?
+    } else {
+        model.tokenizer.encode(&a.prompt)?
+    };
+    let params = GenerateParams {
+        max_tokens: a.max_tokens,
+        sampling: Sampling {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            top_k: a.top_k,
+            seed: a.seed,
+        },
+        stop: a.stop.clone(),
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let stream = !a.json;
+    let mut on_text = |piece: &str| {
+        if stream {
+            // A closed pipe must not kill generation with a panic; the result is still returned.
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        }
+    };
+    let g = generate(&model, &prompt_ids, &params, &NoDelta, &mut on_text)?;
+    drop(on_text);
+    if a.json {
+        let v = json!({
+            "text": g.text,
+            "tokens": {"prompt": g.prompt_tokens, "generated": g.generated_tokens},
+            "finish_reason": g.finish_reason,
+            "timings": g.timings,
+        });
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(out)?;
+        eprintln!(
+            "[{} prompt tokens, {} generated, {:?}; prefill {:.1} tok/s, decode {:.1} tok/s]",
+            g.prompt_tokens,
+            g.generated_tokens,
+            g.finish_reason,
+            g.timings.prefill_tok_s,
+            g.timings.decode_tok_s
+        );
+    }
+    Ok(())
+}
+
+fn run_logits(a: LogitsArgs) -> Result<()> {
+    check_prompt(&a.prompt)?;
+    let model = a.base.load()?;
+    let ids = model.tokenizer.encode(&a.prompt)?;
+    if ids.is_empty() {
+        bail!("--prompt {:?} has no tokens", a.prompt);
+    }
+    let mut cache = model.decoder.new_cache();
+    let logits = model.decoder.forward(
+        &[RowInput { tokens: &ids }],
+        &mut [&mut cache],
+        LogitsAt::Last,
+        &NoDelta,
+    )?;
+    let logits: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&x, &y| logits[y].total_cmp(&logits[x]).then(x.cmp(&y)));
+    order.truncate(a.top);
+    let top: Vec<_> = order
+        .iter()
+        .map(|&i| {
+            json!({"id": i, "token": model.tokenizer.token_text(i as u32), "logit": logits[i]})
+        })
+        .collect();
+    if a.json {
+        println!("{}", json!({"prompt_ids": ids, "top": top}));
+    } else {
+        for t in &top {
+            println!("{:>8} {:>12.5} {:?}", t["id"], t["logit"].as_f64().unwrap_or(f64::NAN), t["token"].as_str().unwrap_or(""));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,544 @@
+//! The Llama-family decoder: embeddings, pre-norm attention (GQA, RoPE) and SwiGLU blocks,
+//! final norm and LM head. A forward pass takes a batch of rows, each with its own new tokens
+//! and its own [`SeqCache`]; rows are packed into one `[n_tokens, hidden]` matrix for every linear
+//! layer (no padding is ever computed), and attention runs per row with a causal mask offset by
+//! that row's cache length, which is what padding plus masks would compute, without the waste.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Tensor};
+
+use super::cache::SeqCache;
+use super::config::{ModelConfig, RopeStyle};
+use super::linear::{Linear, LinearWeight, RowSpan, Site, SiteDelta, SiteKind};
+use super::weights::{StoredTensor, WeightStore};
+use super::{ModelError, Result};
+
+/// Which positions to return logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsAt {
+    /// The last new token of each row: `[rows, vocab]`.
+    Last,
+    /// Every new token: `[n_tokens, vocab]`, rows one after another.
+    All,
+}
+
+/// One row of a batch: the tokens to feed after what its cache already holds.
+#[derive(Debug, Clone, Copy)]
+pub struct RowInput<'a> {
+    pub tokens: &'a [u32],
+}
+
+/// Re-quantization of GGUF block types that candle has no SIMD kernel for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Requantize {
+    /// Keep every tensor in its stored type.
+    Never,
+    /// Re-quantize Q4_1, Q5_0 and Q5_1 to Q8_0 at load: candle multiplies them with a scalar loop
+    /// (about 4x slower than its Q8_0 kernel here) at the cost of 1.5x their memory.
+    #[default]
+    SlowTypes,
+}
+
+enum Embedding {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    mlp_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+pub struct Decoder {
+    cfg: ModelConfig,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+    /// The LM head shares the embedding matrix.
+    tied_head: bool,
+    inv_freq: Vec<f64>,
+    device: Device,
+}
+
+/// Tensor names of the two layouts.
+#[derive(Clone, Copy)]
+enum Naming {
+    HuggingFace,
+    Gguf,
+}
+
+impl Naming {
+    fn embed(self) -> &'static str {
+        match self {
+            Naming::HuggingFace => "model.embed_tokens.weight",
+            Naming::Gguf => "token_embd.weight",
+        }
+    }
+    fn norm(self) -> &'static str {
+        match self {
+            Naming::HuggingFace => "model.norm.weight",
+            Naming::Gguf => "output_norm.weight",
+        }
+    }
+    fn lm_head(self) -> &'static str {
+        match self {
+            Naming::HuggingFace => "lm_head.weight",
+            Naming::Gguf => "output.weight",
+        }
+    }
+    fn attn_norm(self, i: usize) -> String {
+        match self {
+            Naming::HuggingFace => format!("model.layers.{i}.input_layernorm.weight"),
+            Naming::Gguf => format!("blk.{i}.attn_norm.weight"),
+        }
+    }
+    fn mlp_norm(self, i: usize) -> String {
+        match self {
+            Naming::HuggingFace => format!("model.layers.{i}.post_attention_layernorm.weight"),
+            Naming::Gguf => format!("blk.{i}.ffn_norm.weight"),
+        }
+    }
+    /// Name without the `.weight` / `.bias` suffix.
+    fn linear(self, i: usize, kind: SiteKind) -> String {
+        match self {
+            Naming::HuggingFace => {
+                let block = match kind {
+                    SiteKind::Q | SiteKind::K | SiteKind::V | SiteKind::O => "self_attn",
+                    _ => "mlp",
+                };
+                format!("model.layers.{i}.{block}.{}", kind.hf_name())
+            }
+            Naming::Gguf => {
+                let n = match kind {
+                    SiteKind::Q => "attn_q",
+                    SiteKind::K => "attn_k",
+                    SiteKind::V => "attn_v",
+                    SiteKind::O => "attn_output",
+                    SiteKind::Gate => "ffn_gate",
+                    SiteKind::Up => "ffn_up",
+                    SiteKind::Down => "ffn_down",
+                };
+                format!("blk.{i}.{n}")
+            }
+        }
+    }
+}
+
+struct Loader<'a> {
+    store: &'a WeightStore,
+    device: &'a Device,
+    requantize: Requantize,
+}
+
+impl Loader<'_> {
+    fn tensor_err(&self, name: &str, e: impl std::fmt::Display) -> ModelError {
+        ModelError::Tensor {
+            file: self.store.file_for(name),
+            tensor: name.to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    fn quantized(&self, name: &str, q: Arc<QTensor>) -> Result<Arc<QTensor>> {
+        let slow = matches!(
+            q.dtype(),
+            GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
+        );
+        if slow && self.requantize == Requantize::SlowTypes {
+            let dense = q
+                .dequantize(self.device)
+                .map_err(|e| self.tensor_err(name, e))?;
+            let q8 = QTensor::quantize(&dense, GgmlDType::Q8_0)
+                .map_err(|e| self.tensor_err(name, e))?;
+            return Ok(Arc::new(q8));
+        }
+        Ok(q)
+    }
+
+    fn linear(
+        &self,
+        base: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        site: Option<Site>,
+    ) -> Result<Linear> {
+        let wname = format!("{base}.weight");
+        let weight = match self.store.stored(&wname, &[out, inp], self.device)? {
+            StoredTensor::Dense(t) => LinearWeight::Dense(t),
+            StoredTensor::Quantized(q) => {
+                let q = self.quantized(&wname, q)?;
+                let m = QMatMul::from_arc(q.clone()).map_err(|e| self.tensor_err(&wname, e))?;
+                LinearWeight::Quantized(Arc::new(m), q)
+            }
+        };
+        let bias = if bias {
+            Some(
+                self.store
+                    .dense(&format!("{base}.bias"), &[out], self.device)?,
+            )
+        } else {
+            None
+        };
+        Ok(Linear::new(weight, bias, site, out, inp))
+    }
+}
+
+impl Decoder {
+    /// Reads the weights of `cfg` from `store` (Hugging Face names for safetensors, llama.cpp
+    /// names for GGUF), checking every shape.
+    pub fn load(
+        cfg: ModelConfig,
+        store: &WeightStore,
+        requantize: Requantize,
+        device: &Device,
+    ) -> Result<Self> {
+        let naming = if store.is_gguf() {
+            Naming::Gguf
+        } else {
+            Naming::HuggingFace
+        };
+        let ld = Loader {
+            store,
+            device,
+            requantize,
+        };
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv, ff) = (cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size);
+        let embed_name = naming.embed();
+        let embed = match store.stored(embed_name, &[cfg.vocab_size, d], device)? {
+            StoredTensor::Dense(t) => Embedding::Dense(t),
+            StoredTensor::Quantized(q) => Embedding::Quantized(ld.quantized(embed_name, q)?),
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let lin = |kind: SiteKind, out: usize, inp: usize, bias: bool| {
+                ld.linear(
+                    &naming.linear(i, kind),
+                    out,
+                    inp,
+                    bias,
+                    Some(Site { layer: i, kind }),
+                )
+            };
+            layers.push(Layer {
+                attn_norm: store.dense(&naming.attn_norm(i), &[d], device)?,
+                q: lin(SiteKind::Q, nh * hd, d, cfg.qkv_bias)?,
+                k: lin(SiteKind::K, nkv * hd, d, cfg.qkv_bias)?,
+                v: lin(SiteKind::V, nkv * hd, d, cfg.qkv_bias)?,
+                o: lin(SiteKind::O, d, nh * hd, false)?,
+                mlp_norm: store.dense(&naming.mlp_norm(i), &[d], device)?,
+                gate: lin(SiteKind::Gate, ff, d, false)?,
+                up: lin(SiteKind::Up, ff, d, false)?,
+                down: lin(SiteKind::Down, d, ff, false)?,
+            });
+        }
+        let norm = store.dense(naming.norm(), &[d], device)?;
+        let head_name = naming.lm_head();
+        let tied = match naming {
+            // GGUF converters drop `output.weight` when the embeddings are tied.
+            Naming::Gguf => !store.contains(head_name),
+            Naming::HuggingFace => cfg.tie_word_embeddings,
+        };
+        let lm_head = if tied {
+            let weight = match &embed {
+                Embedding::Dense(t) => LinearWeight::Dense(t.clone()),
+                Embedding::Quantized(q) => {
+                    let m = QMatMul::from_arc(q.clone())
+                        .map_err(|e| ld.tensor_err(embed_name, e))?;
+                    LinearWeight::Quantized(Arc::new(m), q.clone())
+                }
+            };
+            Linear::new(weight, None, None, cfg.vocab_size, d)
+        } else {
+            ld.linear(
+                head_name.trim_end_matches(".weight"),
+                cfg.vocab_size,
+                d,
+                false,
+                None,
+            )?
+        };
+        let inv_freq = cfg.rope_inv_freq();
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            tied_head: tied,
+            inv_freq,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Every linear layer that carries a LoRA site, in layer order.
+    pub fn sites(&self) -> impl Iterator<Item = &Linear> {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+    }
+
+    /// Bytes of all weights as held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let lin = |l: &Linear| match l.weight() {
+            LinearWeight::Dense(w) => t(w),
+            LinearWeight::Quantized(_, q) => q.storage_size_in_bytes(),
+        };
+        let embed = match &self.embed {
+            Embedding::Dense(w) => t(w),
+            Embedding::Quantized(q) => q.storage_size_in_bytes(),
+        };
+        embed
+            + if self.tied_head { 0 } else { lin(&self.lm_head) }
+            + self.sites().map(lin).sum::<usize>()
+            + self
+                .layers
+                .iter()
+                .map(|l| t(&l.attn_norm) + t(&l.mlp_norm))
+                .sum::<usize>()
+    }
+
+    /// The same model with every weight dequantized to f32: the slow reference of the quantized
+    /// path.
+    pub fn dequantized(&self) -> Result<Self> {
+        let embed = match &self.embed {
+            Embedding::Dense(t) => Embedding::Dense(t.clone()),
+            Embedding::Quantized(q) => Embedding::Dense(q.dequantize(&self.device)?),
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(Layer {
+                    attn_norm: l.attn_norm.clone(),
+                    q: l.q.dequantized()?,
+                    k: l.k.dequantized()?,
+                    v: l.v.dequantized()?,
+                    o: l.o.dequantized()?,
+                    mlp_norm: l.mlp_norm.clone(),
+                    gate: l.gate.dequantized()?,
+                    up: l.up.dequantized()?,
+                    down: l.down.dequantized()?,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            embed,
+            layers,
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.dequantized()?,
+            tied_head: false,
+            inv_freq: self.inv_freq.clone(),
+            device: self.device.clone(),
+        })
+    }
+
+    pub fn new_cache(&self) -> SeqCache {
+        SeqCache::new(self.cfg.num_layers)
+    }
+
+    /// Runs the new tokens of every row through the model, appending to each row's cache.
+    ///
+    /// `rows[i]` continues `caches[i]`. Returns logits `[rows, vocab]` for [`LogitsAt::Last`] or
+    /// `[n_tokens, vocab]` for [`LogitsAt::All`]. `delta` adds the per-row LoRA terms.
+    pub fn forward(
+        &self,
+        rows: &[RowInput<'_>],
+        caches: &mut [&mut SeqCache],
+        at: LogitsAt,
+        delta: &dyn SiteDelta,
+    ) -> Result<Tensor> {
+        if rows.is_empty() {
+            return Err(ModelError::Input("a forward pass needs at least one row".into()));
+        }
+        if rows.len() != caches.len() {
+            return Err(ModelError::Input(format!(
+                "{} rows but {} caches",
+                rows.len(),
+                caches.len()
+            )));
+        }
+        let mut spans = Vec::with_capacity(rows.len());
+        let mut ids = Vec::new();
+        for (i, (row, cache)) in rows.iter().zip(caches.iter()).enumerate() {
+            if row.tokens.is_empty() {
+                return Err(ModelError::Input(format!("row {i} has no tokens")));
+            }
+            if let Some(&bad) = row.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+                return Err(ModelError::Input(format!(
+                    "row {i}: token id {bad} is outside the vocabulary of {} tokens",
+                    self.cfg.vocab_size
+                )));
+            }
+            let end = cache.len() + row.tokens.len();
+            if end > self.cfg.max_position_embeddings {
+                return Err(ModelError::Input(format!(
+                    "row {i}: {end} positions exceed the context length of {}",
+                    self.cfg.max_position_embeddings
+                )));
+            }
+            spans.push(RowSpan {
+                start: ids.len(),
+                len: row.tokens.len(),
+            });
+            ids.extend_from_slice(row.tokens);
+        }
+        let n = ids.len();
+        let ids = Tensor::from_vec(ids, n, &self.device)?;
+        let mut x = match &self.embed {
+            Embedding::Dense(w) => w.index_select(&ids, 0)?,
+            Embedding::Quantized(q) => q.embedding(&ids)?,
+        };
+        // Positions are fixed before the first layer appends to the caches.
+        let starts: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        let ropes = spans
+            .iter()
+            .zip(&starts)
+            .map(|(s, &pos)| self.rope_tables(pos, s.len))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let q = layer.q.forward(&h, &spans, delta)?;
+            let k = layer.k.forward(&h, &spans, delta)?;
+            let v = layer.v.forward(&h, &spans, delta)?;
+            let mut outs = Vec::with_capacity(spans.len());
+            for (ri, span) in spans.iter().enumerate() {
+                let (cos, sin) = &ropes[ri];
+                outs.push(self.attention(
+                    li,
+                    starts[ri],
+                    &q.narrow(0, span.start, span.len)?,
+                    &k.narrow(0, span.start, span.len)?,
+                    &v.narrow(0, span.start, span.len)?,
+                    cos,
+                    sin,
+                    caches[ri],
+                )?);
+            }
+            let attn = if outs.len() == 1 {
+                outs.pop().expect("one row")
+            } else {
+                Tensor::cat(&outs, 0)?
+            };
+            x = (x + layer.o.forward(&attn, &spans, delta)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
+            let g = layer.gate.forward(&h, &spans, delta)?;
+            let u = layer.up.forward(&h, &spans, delta)?;
+            let m = (candle_nn::ops::silu(&g)? * u)?;
+            x = (x + layer.down.forward(&m, &spans, delta)?)?;
+        }
+        let x = match at {
+            LogitsAt::All => x,
+            LogitsAt::Last => {
+                let last: Vec<u32> = spans.iter().map(|s| (s.start + s.len - 1) as u32).collect();
+                let idx = Tensor::from_vec(last, spans.len(), &self.device)?;
+                x.index_select(&idx, 0)?
+            }
+        };
+        let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, eps)?;
+        Ok(self.lm_head.forward_base(&x)?)
+    }
+
+    /// cos and sin `[t, head_dim / 2]` for positions `pos .. pos + t`.
+    fn rope_tables(&self, pos: usize, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in pos..pos + t {
+            for &f in &self.inv_freq {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (t, half), &self.device)?,
+            Tensor::from_vec(sin, (t, half), &self.device)?,
+        ))
+    }
+
+    /// Attention of one row. `q`: `[t, heads * head_dim]`, `k`/`v`: `[t, kv_heads * head_dim]`,
+    /// `cos`/`sin`: `[t, head_dim / 2]`, `pos`: the row's first new position. Appends k, v to the row's cache; returns
+    /// `[t, heads * head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: usize,
+        pos: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: &mut SeqCache,
+    ) -> candle_core::Result<Tensor> {
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let t = q.dim(0)?;
+        let rope = |x: &Tensor, heads: usize| -> candle_core::Result<Tensor> {
+            let x = x.reshape((1, t, heads, hd))?.transpose(1, 2)?.contiguous()?;
+            let x = match self.cfg.rope_style {
+                RopeStyle::Halves => candle_nn::rotary_emb::rope(&x, cos, sin)?,
+                RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, cos, sin)?,
+            };
+            x.squeeze(0)
+        };
+        let q = rope(q, nh)?; // [nh, t, hd]
+        let k = rope(k, nkv)?; // [nkv, t, hd]
+        let v = v.reshape((t, nkv, hd))?.transpose(0, 1)?.contiguous()?;
+        let (k_all, v_all) = cache.append(layer, &k, &v)?; // [nkv, T, hd]
+        let total = pos + t;
+        let group = nh / nkv;
+        // Heads that share a kv head are stacked along the query axis: no repeat of K/V.
+        let q = q.reshape((nkv, group * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k_all.t()?)? * scale)?; // [nkv, group * t, T]
+        let window = self.cfg.sliding_window.filter(|&w| w < total);
+        let scores = if t > 1 || window.is_some() {
+            let mut mask = vec![0f32; t * total];
+            for i in 0..t {
+                let qpos = pos + i;
+                for (j, m) in mask[i * total..(i + 1) * total].iter_mut().enumerate() {
+                    let future = j > qpos;
+                    let too_old = window.is_some_and(|w| qpos >= w && j <= qpos - w);
+                    if future || too_old {
+                        *m = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let mask = Tensor::from_vec(mask, (t, total), &self.device)?;
+            scores
+                .reshape((nkv, group, t, total))?
+                .broadcast_add(&mask)?
+                .reshape((nkv, group * t, total))?
+        } else {
+            scores
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v_all)?; // [nkv, group * t, hd]
+        out.reshape((nh, t, hd))?
+            .transpose(0, 1)?
+            .reshape((t, nh * hd))
+    }
+}

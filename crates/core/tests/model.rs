@@ -1,0 +1,603 @@
+//! The decoder against independent oracles: numpy logits for tiny Llama / Qwen2 / Mistral
+//! fixtures, llama.cpp for the real SmolLM2 GGUF, and our own slow references (one row at a time,
+//! one token at a time, dequantized weights).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+use candle_core::{Device, Tensor};
+use ramole_core::model::{
+    ChatMessage, Decoder, FinishReason, GenerateParams, LoadOptions, LogitsAt, Model, ModelError,
+    NoDelta, Requantize, RowInput, generate,
+};
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+fn smollm2() -> PathBuf {
+    let p = ramole_core::config::smollm2_gguf();
+    assert!(
+        p.exists(),
+        "test model missing: {} — run scripts/fetch-test-models.sh (RAMOLE_TEST_MODELS={})",
+        p.display(),
+        ramole_core::config::test_models_dir().display()
+    );
+    p
+}
+
+fn expected(name: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(fixture(name).join("expected.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["cases"].as_array().unwrap().clone()
+}
+
+fn ids_of(case: &Value) -> Vec<u32> {
+    case["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn rows_of(case: &Value) -> Vec<Vec<f32>> {
+    case["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn logits_all(d: &Decoder, ids: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = d.new_cache();
+    d.forward(
+        &[RowInput { tokens: ids }],
+        &mut [&mut cache],
+        LogitsAt::All,
+        &NoDelta,
+    )
+    .unwrap()
+    .to_vec2()
+    .unwrap()
+}
+
+fn logits_last(d: &Decoder, ids: &[u32]) -> Vec<f32> {
+    let mut cache = d.new_cache();
+    d.forward(
+        &[RowInput { tokens: ids }],
+        &mut [&mut cache],
+        LogitsAt::Last,
+        &NoDelta,
+    )
+    .unwrap()
+    .squeeze(0)
+    .unwrap()
+    .to_vec1()
+    .unwrap()
+}
+
+fn load(path: &Path) -> Model {
+    Model::load(path, &LoadOptions::default()).unwrap()
+}
+
+#[test]
+fn tiny_fixtures_match_numpy_logits_and_tokenizer() {
+    // llama: f32, two shards, llama3 rope scaling, untied head; qwen2: bf16, q/k/v bias, tied;
+    // mistral: f16, sliding window 4 (shorter than every case).
+    for name in ["tiny-llama", "tiny-qwen2", "tiny-mistral"] {
+        let model = load(&fixture(name));
+        for case in expected(name) {
+            let ids = ids_of(&case);
+            let text = case["text"].as_str().unwrap();
+            assert_eq!(model.tokenizer.encode(text).unwrap(), ids, "{name}: {text}");
+            let got = logits_all(&model.decoder, &ids);
+            let want = rows_of(&case);
+            assert_eq!(got.len(), want.len());
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| max_abs_diff(g, w))
+                .fold(0.0, f32::max);
+            assert!(worst < 1e-4, "{name} {text:?}: max |diff| {worst}");
+        }
+    }
+}
+
+#[test]
+fn rows_of_different_lengths_in_one_batch_equal_each_row_alone() {
+    let model = load(&fixture("tiny-llama"));
+    let d = &model.decoder;
+    let cases = expected("tiny-llama");
+    let seqs: Vec<Vec<u32>> = cases.iter().map(ids_of).collect();
+    let alone: Vec<Vec<f32>> = seqs.iter().map(|s| logits_last(d, s)).collect();
+
+    // Prefill of three rows of lengths 21, 16, 18 together.
+    let mut caches: Vec<_> = seqs.iter().map(|_| d.new_cache()).collect();
+    let rows: Vec<RowInput> = seqs.iter().map(|s| RowInput { tokens: s }).collect();
+    let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+    let batched: Vec<Vec<f32>> = d
+        .forward(&rows, &mut refs, LogitsAt::Last, &NoDelta)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    for (b, a) in batched.iter().zip(&alone) {
+        assert!(max_abs_diff(b, a) < 1e-5);
+    }
+
+    // A decode step where the rows sit at different positions, mixed with a fresh prefill row.
+    let fresh = &seqs[0][..5];
+    let mut fresh_cache = d.new_cache();
+    let step: Vec<Vec<u32>> = vec![vec![7], vec![42], vec![100]];
+    let mut rows: Vec<RowInput> = step.iter().map(|s| RowInput { tokens: s }).collect();
+    rows.push(RowInput { tokens: fresh });
+    let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+    refs.push(&mut fresh_cache);
+    let mixed: Vec<Vec<f32>> = d
+        .forward(&rows, &mut refs, LogitsAt::Last, &NoDelta)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    for i in 0..3 {
+        let mut full = seqs[i].clone();
+        full.extend(&step[i]);
+        let want = logits_last(d, &full);
+        let diff = max_abs_diff(&mixed[i], &want);
+        assert!(diff < 1e-4, "row {i}: {diff}");
+    }
+    assert!(max_abs_diff(&mixed[3], &logits_last(d, fresh)) < 1e-5);
+}
+
+#[test]
+fn token_by_token_decoding_equals_one_prefill() {
+    // The KV cache path (and the sliding window, which the mistral fixture exceeds) against the
+    // full causal forward.
+    for name in ["tiny-qwen2", "tiny-mistral"] {
+        let model = load(&fixture(name));
+        let d = &model.decoder;
+        let ids = ids_of(&expected(name)[0]);
+        let full = logits_all(d, &ids);
+        let mut cache = d.new_cache();
+        for (i, &t) in ids.iter().enumerate() {
+            let step: Vec<f32> = d
+                .forward(
+                    &[RowInput { tokens: &[t] }],
+                    &mut [&mut cache],
+                    LogitsAt::Last,
+                    &NoDelta,
+                )
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let diff = max_abs_diff(&step, &full[i]);
+            assert!(diff < 1e-4, "{name} position {i}: {diff}");
+        }
+        assert_eq!(cache.len(), ids.len());
+    }
+}
+
+/// Writes the tiny-llama fixture as a llama.cpp-style GGUF: q/k rows permuted for adjacent-pair
+/// RoPE as llama.cpp's converter does, the llama3 scaling as `rope_freqs.weight`, linear weights
+/// in `dtype`, norms in f32. The tokenizer.json is copied beside it.
+fn write_tiny_llama_gguf(dir: &Path, dtype: GgmlDType) -> PathBuf {
+    let src = fixture("tiny-llama");
+    let model = load(&src);
+    let cfg = model.decoder.config().clone();
+    let dev = Device::Cpu;
+    let st = ramole_core::model::WeightStore::open_safetensors_dir(&src).unwrap();
+    let dense = |name: &str| -> Tensor {
+        let shape = st.shape_of(name).unwrap();
+        st.dense(name, &shape, &dev).unwrap()
+    };
+    // [out, in] with out = heads * head_dim: within each head, interleave the two halves.
+    let permute = |w: Tensor, heads: usize| -> Tensor {
+        let (out, inp) = w.dims2().unwrap();
+        w.reshape((heads, 2, out / heads / 2, inp))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((out, inp))
+            .unwrap()
+    };
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let q = |t: &Tensor, dt: GgmlDType| QTensor::quantize(t, dt).unwrap();
+    tensors.push((
+        "token_embd.weight".into(),
+        q(&dense("model.embed_tokens.weight"), dtype),
+    ));
+    tensors.push((
+        "output_norm.weight".into(),
+        q(&dense("model.norm.weight"), GgmlDType::F32),
+    ));
+    tensors.push(("output.weight".into(), q(&dense("lm_head.weight"), dtype)));
+    let divisors: Vec<f32> = {
+        let base = ramole_core::model::ModelConfig {
+            rope_scaling: ramole_core::model::RopeScaling::None,
+            ..cfg.clone()
+        }
+        .rope_inv_freq();
+        base.iter()
+            .zip(cfg.rope_inv_freq())
+            .map(|(b, s)| (b / s) as f32)
+            .collect()
+    };
+    tensors.push((
+        "rope_freqs.weight".into(),
+        q(&Tensor::new(divisors, &dev).unwrap(), GgmlDType::F32),
+    ));
+    for i in 0..cfg.num_layers {
+        let p = format!("model.layers.{i}.");
+        let mut put = |gguf: &str, hf: &str, dt: GgmlDType, heads: Option<usize>| {
+            let mut t = dense(&format!("{p}{hf}"));
+            if let Some(h) = heads {
+                t = permute(t, h);
+            }
+            tensors.push((format!("blk.{i}.{gguf}"), q(&t, dt)));
+        };
+        put("attn_norm.weight", "input_layernorm.weight", GgmlDType::F32, None);
+        put("ffn_norm.weight", "post_attention_layernorm.weight", GgmlDType::F32, None);
+        put("attn_q.weight", "self_attn.q_proj.weight", dtype, Some(cfg.num_heads));
+        put("attn_k.weight", "self_attn.k_proj.weight", dtype, Some(cfg.num_kv_heads));
+        put("attn_v.weight", "self_attn.v_proj.weight", dtype, None);
+        put("attn_output.weight", "self_attn.o_proj.weight", dtype, None);
+        put("ffn_gate.weight", "mlp.gate_proj.weight", dtype, None);
+        put("ffn_up.weight", "mlp.up_proj.weight", dtype, None);
+        put("ffn_down.weight", "mlp.down_proj.weight", dtype, None);
+    }
+    use gguf_file::Value as V;
+    let meta: Vec<(&str, V)> = vec![
+        ("general.architecture", V::String("llama".into())),
+        ("llama.block_count", V::U32(cfg.num_layers as u32)),
+        ("llama.embedding_length", V::U32(cfg.hidden_size as u32)),
+        ("llama.feed_forward_length", V::U32(cfg.intermediate_size as u32)),
+        ("llama.attention.head_count", V::U32(cfg.num_heads as u32)),
+        ("llama.attention.head_count_kv", V::U32(cfg.num_kv_heads as u32)),
+        ("llama.rope.dimension_count", V::U32(cfg.head_dim as u32)),
+        ("llama.rope.freq_base", V::F32(cfg.rope_theta as f32)),
+        ("llama.attention.layer_norm_rms_epsilon", V::F32(cfg.rms_norm_eps as f32)),
+        ("llama.context_length", V::U32(cfg.max_position_embeddings as u32)),
+    ];
+    let path = dir.join("tiny-llama.gguf");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut f, &meta_refs, &t_refs).unwrap();
+    std::fs::copy(src.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    std::fs::copy(
+        src.join("tokenizer_config.json"),
+        dir.join("tokenizer_config.json"),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn gguf_f32_of_tiny_llama_matches_numpy_exactly() {
+    // Exercises GGUF naming, the converter's q/k permutation with adjacent-pair RoPE and the
+    // llama3 scaling stored as rope_freqs.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_tiny_llama_gguf(dir.path(), GgmlDType::F32);
+    let model = load(&path);
+    for case in expected("tiny-llama") {
+        let got = logits_all(&model.decoder, &ids_of(&case));
+        let worst = got
+            .iter()
+            .zip(rows_of(&case))
+            .map(|(g, w)| max_abs_diff(g, &w))
+            .fold(0.0, f32::max);
+        assert!(worst < 1e-4, "max |diff| {worst}");
+    }
+}
+
+#[test]
+fn quantized_gguf_agrees_with_its_dequantized_twin() {
+    // Quantized matmuls quantize activations to 8 bits, so the twins differ by rounding: we
+    // require a relative error below 3% of the logits' spread and the same greedy choice.
+    let dir = tempfile::tempdir().unwrap();
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1] {
+        let path = write_tiny_llama_gguf(dir.path(), dtype);
+        let model = Model::load(
+            &path,
+            &LoadOptions {
+                requantize: Requantize::Never,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(model.decoder.sites().all(|l| l.is_quantized()));
+        let twin = model.decoder.dequantized().unwrap();
+        for case in expected("tiny-llama") {
+            let ids = ids_of(&case);
+            let q = logits_last(&model.decoder, &ids);
+            let f = logits_last(&twin, &ids);
+            let spread = f.iter().cloned().fold(f32::MIN, f32::max)
+                - f.iter().cloned().fold(f32::MAX, f32::min);
+            let rel = max_abs_diff(&q, &f) / spread;
+            assert!(rel < 0.03, "{dtype:?}: relative error {rel}");
+        }
+    }
+}
+
+#[test]
+fn smollm2_tokenizer_rebuilt_from_gguf_matches_llama_cpp() {
+    let model = load(&smollm2());
+    let oracle: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("smollm2-llamacpp.json")).unwrap(),
+    )
+    .unwrap();
+    for case in oracle["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(model.tokenizer.encode(text).unwrap(), ids_of(case), "{text:?}");
+        // Decoding gives the text back (special tokens are skipped).
+        if !text.contains("<|") {
+            assert_eq!(model.tokenizer.decode(&ids_of(case)).unwrap(), text);
+        }
+    }
+}
+
+#[test]
+fn smollm2_logits_agree_with_llama_cpp() {
+    // Both run Q4_1 weights with 8-bit activations, by different kernels: the top-1 token must be
+    // the same and the top-10 logits within 0.5 (logits here span ~40).
+    for requantize in [Requantize::Never, Requantize::SlowTypes] {
+        let model = Model::load(
+            &smollm2(),
+            &LoadOptions {
+                requantize,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let oracle: Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture("smollm2-llamacpp.json")).unwrap(),
+        )
+        .unwrap();
+        for case in oracle["cases"].as_array().unwrap() {
+            let logits = logits_last(&model.decoder, &ids_of(case));
+            let top: Vec<u32> = case["top_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect();
+            let best = ramole_core::model::Sampler::new(Default::default())
+                .unwrap()
+                .sample(&logits);
+            assert_eq!(best, top[0], "{requantize:?} {:?}", case["text"]);
+            for (id, want) in top.iter().zip(case["top_logits"].as_array().unwrap()) {
+                let diff = (logits[*id as usize] - want.as_f64().unwrap() as f32).abs();
+                assert!(diff < 0.5, "{requantize:?} {:?} id {id}: {diff}", case["text"]);
+            }
+        }
+    }
+}
+
+#[test]
+fn smollm2_quantized_agrees_with_dequantized_twin() {
+    let model = Model::load(
+        &smollm2(),
+        &LoadOptions {
+            requantize: Requantize::Never,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let twin = model.decoder.dequantized().unwrap();
+    let ids = model.tokenizer.encode("Once upon a time, there was a little").unwrap();
+    let q = logits_last(&model.decoder, &ids);
+    let f = logits_last(&twin, &ids);
+    let sampler = || ramole_core::model::Sampler::new(Default::default()).unwrap();
+    assert_eq!(sampler().sample(&q), sampler().sample(&f));
+    let diff = max_abs_diff(&q, &f);
+    assert!(diff < 1.0, "max |diff| {diff}");
+}
+
+#[test]
+fn smollm2_greedy_story_and_chat_reply_stop_cleanly() {
+    let model = load(&smollm2());
+    let ids = model
+        .tokenizer
+        .encode("Once upon a time, there was a little")
+        .unwrap();
+    let params = GenerateParams {
+        max_tokens: 8,
+        ..Default::default()
+    };
+    let mut streamed = String::new();
+    let g = generate(&model, &ids, &params, &NoDelta, &mut |p| streamed.push_str(p)).unwrap();
+    assert!(g.text.starts_with(" girl"), "{:?}", g.text);
+    assert_eq!(streamed, g.text);
+    assert_eq!(g.generated_tokens, 8);
+    assert_eq!(g.finish_reason, FinishReason::Length);
+
+    let prompt = model
+        .chat_prompt(&[ChatMessage::new("user", "Say hello.")])
+        .unwrap();
+    let g = generate(
+        &model,
+        &prompt,
+        &GenerateParams {
+            max_tokens: 100,
+            ..Default::default()
+        },
+        &NoDelta,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(g.finish_reason, FinishReason::Eos, "{:?}", g.text);
+    assert!(!g.text.contains("<|im_end|>") && !g.text.is_empty(), "{:?}", g.text);
+    assert!(g.generated_tokens < 100);
+}
+
+#[test]
+fn stop_strings_end_generation_before_them() {
+    let model = load(&smollm2());
+    let ids = model
+        .tokenizer
+        .encode("Once upon a time, there was a little")
+        .unwrap();
+    let params = GenerateParams {
+        max_tokens: 30,
+        stop: vec![" who".into(), " named".into()],
+        ..Default::default()
+    };
+    let mut streamed = String::new();
+    let g = generate(&model, &ids, &params, &NoDelta, &mut |p| streamed.push_str(p)).unwrap();
+    assert_eq!(g.finish_reason, FinishReason::Stop);
+    assert_eq!(g.text, " girl");
+    assert_eq!(streamed, " girl");
+}
+
+// ---- bad input -------------------------------------------------------------------------------
+
+fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let e = entry.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    dir
+}
+
+fn load_err(path: &Path) -> ModelError {
+    match Model::load(path, &LoadOptions::default()) {
+        Ok(_) => panic!("{} loaded", path.display()),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn malformed_config_is_refused_naming_the_file() {
+    let dir = copy_fixture("tiny-qwen2");
+    let cfg = dir.path().join("config.json");
+    std::fs::write(&cfg, "{\"model_type\": \"qwen2\", \"hidden_size\": ").unwrap();
+    let e = load_err(dir.path()).to_string();
+    assert!(e.contains("config.json") && e.contains("not a valid config.json"), "{e}");
+
+    let mut v: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny-qwen2/config.json")).unwrap())
+            .unwrap();
+    v["num_key_value_heads"] = 3.into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let e = load_err(dir.path()).to_string();
+    assert!(e.contains("num_key_value_heads = 3") && e.contains("num_attention_heads = 4"), "{e}");
+
+    v["num_key_value_heads"] = 1.into();
+    v["model_type"] = "gpt_neox".into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let e = load_err(dir.path()).to_string();
+    assert!(e.contains("\"gpt_neox\" is not supported"), "{e}");
+}
+
+/// Rewrites the safetensors header of `file` with `edit` applied (data unchanged).
+fn edit_safetensors_header(file: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
+    let bytes = std::fs::read(file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(&mut header);
+    let mut h = serde_json::to_vec(&header).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    out.extend(&bytes[8 + n..]);
+    std::fs::write(file, out).unwrap();
+}
+
+#[test]
+fn missing_tensor_is_named_with_its_file() {
+    let dir = copy_fixture("tiny-qwen2");
+    let file = dir.path().join("model.safetensors");
+    edit_safetensors_header(&file, |h| {
+        // Renaming keeps the data layout valid while the decoder's tensor disappears.
+        let t = h.remove("model.layers.1.mlp.up_proj.weight").unwrap();
+        h.insert("model.layers.1.mlp.up_proj.renamed".into(), t);
+    });
+    let e = load_err(dir.path());
+    assert!(matches!(e, ModelError::MissingTensor { .. }), "{e:?}");
+    let e = e.to_string();
+    assert!(e.contains("model.layers.1.mlp.up_proj.weight is missing"), "{e}");
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn wrong_shape_is_named_with_both_shapes() {
+    let dir = copy_fixture("tiny-qwen2");
+    let file = dir.path().join("model.safetensors");
+    edit_safetensors_header(&file, |h| {
+        // [128, 64] stored as [64, 128]: same byte count, wrong shape.
+        h.get_mut("model.layers.0.mlp.gate_proj.weight").unwrap()["shape"] =
+            serde_json::json!([64, 128]);
+    });
+    let e = load_err(dir.path()).to_string();
+    assert!(
+        e.contains("model.layers.0.mlp.gate_proj.weight has shape [64, 128], expected [128, 64]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn truncated_files_are_refused() {
+    let dir = copy_fixture("tiny-llama");
+    let shard = dir.path().join("model-00002-of-00002.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() - 1000]).unwrap();
+    let e = load_err(dir.path()).to_string();
+    assert!(e.contains("model-00002-of-00002.safetensors") && e.contains("truncated"), "{e}");
+
+    let gdir = tempfile::tempdir().unwrap();
+    let gguf = write_tiny_llama_gguf(gdir.path(), GgmlDType::Q8_0);
+    let bytes = std::fs::read(&gguf).unwrap();
+    std::fs::write(&gguf, &bytes[..bytes.len() - 5000]).unwrap();
+    let e = load_err(&gguf).to_string();
+    assert!(e.contains("tiny-llama.gguf") && e.contains("tensor"), "{e}");
+    std::fs::write(&gguf, &bytes[..100]).unwrap();
+    let e = load_err(&gguf).to_string();
+    assert!(e.contains("tiny-llama.gguf") && e.contains("GGUF"), "{e}");
+}
+
+#[test]
+fn chat_template_comes_from_the_model() {
+    let qwen = load(&fixture("tiny-qwen2"));
+    let msgs = [
+        ChatMessage::new("system", "Be brief."),
+        ChatMessage::new("user", "Hi"),
+    ];
+    let text = qwen.template.as_ref().unwrap().render(&msgs, true).unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let llama = load(&fixture("tiny-llama"));
+    let text = llama.template.as_ref().unwrap().render(&msgs[1..], true).unwrap();
+    assert_eq!(
+        text,
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    );
+    // The template's special tokens stay single tokens.
+    let ids = llama.chat_prompt(&msgs[1..]).unwrap();
+    assert_eq!(ids[0], llama.tokenizer.encode("<|begin_of_text|>").unwrap()[0]);
+    assert!(llama.tokenizer.is_eos(llama.tokenizer.encode("<|eot_id|>").unwrap()[0]));
+}
