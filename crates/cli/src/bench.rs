@@ -40,7 +40,9 @@ pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
 }
 
 fn synthetic_ids(n: usize, vocab: usize) -> Vec<u32> {
-    (0..n).map(|i| ((i * 7919) % (vocab - 200) + 100) as u32).collect()
+    (0..n)
+        .map(|i| ((i * 7919) % (vocab - 200) + 100) as u32)
+        .collect()
 }
 
 fn model_bench(b: ModelBench) -> Result<()> {
@@ -73,14 +75,29 @@ fn model_bench(b: ModelBench) -> Result<()> {
         for rep in 0..=b.repeats {
             let mut cache = d.new_cache();
             let t = Instant::now();
-            d.forward(&[RowInput { tokens: &prompt }], &mut [&mut cache], LogitsAt::Last, &NoDelta)?;
+            d.forward(
+                &[RowInput { tokens: &prompt }],
+                &mut [&mut cache],
+                LogitsAt::Last,
+                &NoDelta,
+            )?;
             let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
             let mut cache = d.new_cache();
-            let logits = d.forward(&[RowInput { tokens: &short }], &mut [&mut cache], LogitsAt::Last, &NoDelta)?;
+            let logits = d.forward(
+                &[RowInput { tokens: &short }],
+                &mut [&mut cache],
+                LogitsAt::Last,
+                &NoDelta,
+            )?;
             let mut next = argmax(&logits.squeeze(0)?.to_vec1()?);
             let t = Instant::now();
             for _ in 0..b.decode_tokens {
-                let l = d.forward(&[RowInput { tokens: &[next] }], &mut [&mut cache], LogitsAt::Last, &NoDelta)?;
+                let l = d.forward(
+                    &[RowInput { tokens: &[next] }],
+                    &mut [&mut cache],
+                    LogitsAt::Last,
+                    &NoDelta,
+                )?;
                 next = argmax(&l.squeeze(0)?.to_vec1()?);
             }
             let decode = b.decode_tokens as f64 / t.elapsed().as_secs_f64();
@@ -112,7 +129,10 @@ fn model_bench(b: ModelBench) -> Result<()> {
             b.decode_tokens,
             b.repeats
         );
-        println!("{:<22} {:>10} {:>14} {:>14}", "variant", "weights MB", "prefill tok/s", "decode tok/s");
+        println!(
+            "{:<22} {:>10} {:>14} {:>14}",
+            "variant", "weights MB", "prefill tok/s", "decode tok/s"
+        );
         for r in &results {
             println!(
                 "{:<22} {:>10.1} {:>14.1} {:>14.1}",

@@ -16,7 +16,11 @@ use ramole_core::model::{
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(name = "ramole", version, about = "Chat with a local model that mixes LoRA experts")]
+#[command(
+    name = "ramole",
+    version,
+    about = "Chat with a local model that mixes LoRA experts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -135,7 +139,10 @@ fn check_prompt(prompt: &str) -> Result<()> {
 fn run_generate(a: GenerateArgs) -> Result<()> {
     check_prompt(&a.prompt)?;
     if a.max_tokens == 0 || a.max_tokens > 1 << 20 {
-        bail!("--max-tokens {} must be between 1 and 1048576", a.max_tokens);
+        bail!(
+            "--max-tokens {} must be between 1 and 1048576",
+            a.max_tokens
+        );
     }
     let model = a.base.load()?;
     let prompt_ids = if a.chat {
@@ -169,7 +176,6 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         }
     };
     let g = generate(&model, &prompt_ids, &params, &NoDelta, &mut on_text)?;
-    drop(on_text);
     if a.json {
         let v = json!({
             "text": g.text,
@@ -220,7 +226,12 @@ fn run_logits(a: LogitsArgs) -> Result<()> {
         println!("{}", json!({"prompt_ids": ids, "top": top}));
     } else {
         for t in &top {
-            println!("{:>8} {:>12.5} {:?}", t["id"], t["logit"].as_f64().unwrap_or(f64::NAN), t["token"].as_str().unwrap_or(""));
+            println!(
+                "{:>8} {:>12.5} {:?}",
+                t["id"],
+                t["logit"].as_f64().unwrap_or(f64::NAN),
+                t["token"].as_str().unwrap_or("")
+            );
         }
     }
     Ok(())

@@ -254,10 +254,30 @@ fn write_tiny_llama_gguf(dir: &Path, dtype: GgmlDType) -> PathBuf {
             }
             tensors.push((format!("blk.{i}.{gguf}"), q(&t, dt)));
         };
-        put("attn_norm.weight", "input_layernorm.weight", GgmlDType::F32, None);
-        put("ffn_norm.weight", "post_attention_layernorm.weight", GgmlDType::F32, None);
-        put("attn_q.weight", "self_attn.q_proj.weight", dtype, Some(cfg.num_heads));
-        put("attn_k.weight", "self_attn.k_proj.weight", dtype, Some(cfg.num_kv_heads));
+        put(
+            "attn_norm.weight",
+            "input_layernorm.weight",
+            GgmlDType::F32,
+            None,
+        );
+        put(
+            "ffn_norm.weight",
+            "post_attention_layernorm.weight",
+            GgmlDType::F32,
+            None,
+        );
+        put(
+            "attn_q.weight",
+            "self_attn.q_proj.weight",
+            dtype,
+            Some(cfg.num_heads),
+        );
+        put(
+            "attn_k.weight",
+            "self_attn.k_proj.weight",
+            dtype,
+            Some(cfg.num_kv_heads),
+        );
         put("attn_v.weight", "self_attn.v_proj.weight", dtype, None);
         put("attn_output.weight", "self_attn.o_proj.weight", dtype, None);
         put("ffn_gate.weight", "mlp.gate_proj.weight", dtype, None);
@@ -269,13 +289,25 @@ fn write_tiny_llama_gguf(dir: &Path, dtype: GgmlDType) -> PathBuf {
         ("general.architecture", V::String("llama".into())),
         ("llama.block_count", V::U32(cfg.num_layers as u32)),
         ("llama.embedding_length", V::U32(cfg.hidden_size as u32)),
-        ("llama.feed_forward_length", V::U32(cfg.intermediate_size as u32)),
+        (
+            "llama.feed_forward_length",
+            V::U32(cfg.intermediate_size as u32),
+        ),
         ("llama.attention.head_count", V::U32(cfg.num_heads as u32)),
-        ("llama.attention.head_count_kv", V::U32(cfg.num_kv_heads as u32)),
+        (
+            "llama.attention.head_count_kv",
+            V::U32(cfg.num_kv_heads as u32),
+        ),
         ("llama.rope.dimension_count", V::U32(cfg.head_dim as u32)),
         ("llama.rope.freq_base", V::F32(cfg.rope_theta as f32)),
-        ("llama.attention.layer_norm_rms_epsilon", V::F32(cfg.rms_norm_eps as f32)),
-        ("llama.context_length", V::U32(cfg.max_position_embeddings as u32)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            V::F32(cfg.rms_norm_eps as f32),
+        ),
+        (
+            "llama.context_length",
+            V::U32(cfg.max_position_embeddings as u32),
+        ),
     ];
     let path = dir.join("tiny-llama.gguf");
     let mut f = std::fs::File::create(&path).unwrap();
@@ -341,13 +373,16 @@ fn quantized_gguf_agrees_with_its_dequantized_twin() {
 #[test]
 fn smollm2_tokenizer_rebuilt_from_gguf_matches_llama_cpp() {
     let model = load(&smollm2());
-    let oracle: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("smollm2-llamacpp.json")).unwrap(),
-    )
-    .unwrap();
+    let oracle: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2-llamacpp.json")).unwrap())
+            .unwrap();
     for case in oracle["cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        assert_eq!(model.tokenizer.encode(text).unwrap(), ids_of(case), "{text:?}");
+        assert_eq!(
+            model.tokenizer.encode(text).unwrap(),
+            ids_of(case),
+            "{text:?}"
+        );
         // Decoding gives the text back (special tokens are skipped).
         if !text.contains("<|") {
             assert_eq!(model.tokenizer.decode(&ids_of(case)).unwrap(), text);
@@ -386,7 +421,11 @@ fn smollm2_logits_agree_with_llama_cpp() {
             assert_eq!(best, top[0], "{requantize:?} {:?}", case["text"]);
             for (id, want) in top.iter().zip(case["top_logits"].as_array().unwrap()) {
                 let diff = (logits[*id as usize] - want.as_f64().unwrap() as f32).abs();
-                assert!(diff < 0.5, "{requantize:?} {:?} id {id}: {diff}", case["text"]);
+                assert!(
+                    diff < 0.5,
+                    "{requantize:?} {:?} id {id}: {diff}",
+                    case["text"]
+                );
             }
         }
     }
@@ -403,7 +442,10 @@ fn smollm2_quantized_agrees_with_dequantized_twin() {
     )
     .unwrap();
     let twin = model.decoder.dequantized().unwrap();
-    let ids = model.tokenizer.encode("Once upon a time, there was a little").unwrap();
+    let ids = model
+        .tokenizer
+        .encode("Once upon a time, there was a little")
+        .unwrap();
     let q = logits_last(&model.decoder, &ids);
     let f = logits_last(&twin, &ids);
     let sampler = || ramole_core::model::Sampler::new(Default::default()).unwrap();
@@ -424,7 +466,10 @@ fn smollm2_greedy_story_and_chat_reply_stop_cleanly() {
         ..Default::default()
     };
     let mut streamed = String::new();
-    let g = generate(&model, &ids, &params, &NoDelta, &mut |p| streamed.push_str(p)).unwrap();
+    let g = generate(&model, &ids, &params, &NoDelta, &mut |p| {
+        streamed.push_str(p)
+    })
+    .unwrap();
     assert!(g.text.starts_with(" girl"), "{:?}", g.text);
     assert_eq!(streamed, g.text);
     assert_eq!(g.generated_tokens, 8);
@@ -445,7 +490,11 @@ fn smollm2_greedy_story_and_chat_reply_stop_cleanly() {
     )
     .unwrap();
     assert_eq!(g.finish_reason, FinishReason::Eos, "{:?}", g.text);
-    assert!(!g.text.contains("<|im_end|>") && !g.text.is_empty(), "{:?}", g.text);
+    assert!(
+        !g.text.contains("<|im_end|>") && !g.text.is_empty(),
+        "{:?}",
+        g.text
+    );
     assert!(g.generated_tokens < 100);
 }
 
@@ -462,7 +511,10 @@ fn stop_strings_end_generation_before_them() {
         ..Default::default()
     };
     let mut streamed = String::new();
-    let g = generate(&model, &ids, &params, &NoDelta, &mut |p| streamed.push_str(p)).unwrap();
+    let g = generate(&model, &ids, &params, &NoDelta, &mut |p| {
+        streamed.push_str(p)
+    })
+    .unwrap();
     assert_eq!(g.finish_reason, FinishReason::Stop);
     assert_eq!(g.text, " girl");
     assert_eq!(streamed, " girl");
@@ -492,7 +544,10 @@ fn malformed_config_is_refused_naming_the_file() {
     let cfg = dir.path().join("config.json");
     std::fs::write(&cfg, "{\"model_type\": \"qwen2\", \"hidden_size\": ").unwrap();
     let e = load_err(dir.path()).to_string();
-    assert!(e.contains("config.json") && e.contains("not a valid config.json"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("not a valid config.json"),
+        "{e}"
+    );
 
     let mut v: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("tiny-qwen2/config.json")).unwrap())
@@ -500,7 +555,10 @@ fn malformed_config_is_refused_naming_the_file() {
     v["num_key_value_heads"] = 3.into();
     std::fs::write(&cfg, v.to_string()).unwrap();
     let e = load_err(dir.path()).to_string();
-    assert!(e.contains("num_key_value_heads = 3") && e.contains("num_attention_heads = 4"), "{e}");
+    assert!(
+        e.contains("num_key_value_heads = 3") && e.contains("num_attention_heads = 4"),
+        "{e}"
+    );
 
     v["num_key_value_heads"] = 1.into();
     v["model_type"] = "gpt_neox".into();
@@ -517,7 +575,7 @@ fn edit_safetensors_header(file: &Path, edit: impl FnOnce(&mut serde_json::Map<S
         serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     edit(&mut header);
     let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -538,7 +596,10 @@ fn missing_tensor_is_named_with_its_file() {
     let e = load_err(dir.path());
     assert!(matches!(e, ModelError::MissingTensor { .. }), "{e:?}");
     let e = e.to_string();
-    assert!(e.contains("model.layers.1.mlp.up_proj.weight is missing"), "{e}");
+    assert!(
+        e.contains("model.layers.1.mlp.up_proj.weight is missing"),
+        "{e}"
+    );
     assert!(e.contains("model.safetensors"), "{e}");
 }
 
@@ -565,7 +626,10 @@ fn truncated_files_are_refused() {
     let bytes = std::fs::read(&shard).unwrap();
     std::fs::write(&shard, &bytes[..bytes.len() - 1000]).unwrap();
     let e = load_err(dir.path()).to_string();
-    assert!(e.contains("model-00002-of-00002.safetensors") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("model-00002-of-00002.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
 
     let gdir = tempfile::tempdir().unwrap();
     let gguf = write_tiny_llama_gguf(gdir.path(), GgmlDType::Q8_0);
@@ -591,13 +655,25 @@ fn chat_template_comes_from_the_model() {
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     );
     let llama = load(&fixture("tiny-llama"));
-    let text = llama.template.as_ref().unwrap().render(&msgs[1..], true).unwrap();
+    let text = llama
+        .template
+        .as_ref()
+        .unwrap()
+        .render(&msgs[1..], true)
+        .unwrap();
     assert_eq!(
         text,
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     );
     // The template's special tokens stay single tokens.
     let ids = llama.chat_prompt(&msgs[1..]).unwrap();
-    assert_eq!(ids[0], llama.tokenizer.encode("<|begin_of_text|>").unwrap()[0]);
-    assert!(llama.tokenizer.is_eos(llama.tokenizer.encode("<|eot_id|>").unwrap()[0]));
+    assert_eq!(
+        ids[0],
+        llama.tokenizer.encode("<|begin_of_text|>").unwrap()[0]
+    );
+    assert!(
+        llama
+            .tokenizer
+            .is_eos(llama.tokenizer.encode("<|eot_id|>").unwrap()[0])
+    );
 }

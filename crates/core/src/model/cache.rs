@@ -86,7 +86,10 @@ impl SeqCache {
             l.k = Some(nk);
             l.v = Some(nv);
         }
-        let (kb, vb) = (l.k.as_ref().expect("allocated"), l.v.as_ref().expect("allocated"));
+        let (kb, vb) = (
+            l.k.as_ref().expect("allocated"),
+            l.v.as_ref().expect("allocated"),
+        );
         kb.slice_set(k, 1, l.len)?;
         vb.slice_set(v, 1, l.len)?;
         l.len = need;

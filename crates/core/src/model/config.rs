@@ -41,7 +41,9 @@ pub enum RopeStyle {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (all frequencies divided by it).
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1's piecewise scaling by wavelength.
     Llama3 {
         factor: f64,
@@ -138,18 +140,26 @@ impl ModelConfig {
                 return Err(bad(key, v.to_string(), "exceeds the limit 16777216"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(bad(
                 "num_key_value_heads",
                 self.num_kv_heads.to_string(),
                 &format!("must divide num_attention_heads = {}", self.num_heads),
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return Err(bad("head_dim", self.head_dim.to_string(), "must be even for RoPE"));
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(bad(
+                "head_dim",
+                self.head_dim.to_string(),
+                "must be even for RoPE",
+            ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err(bad("rope_theta", self.rope_theta.to_string(), "must be positive"));
+            return Err(bad(
+                "rope_theta",
+                self.rope_theta.to_string(),
+                "must be positive",
+            ));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             return Err(bad(
@@ -158,14 +168,14 @@ impl ModelConfig {
                 "must be positive",
             ));
         }
-        if let RopeScaling::Divisors(d) = &self.rope_scaling {
-            if d.len() != self.head_dim / 2 {
-                return Err(bad(
-                    "rope_freqs.weight",
-                    format!("{} values", d.len()),
-                    &format!("expected head_dim / 2 = {}", self.head_dim / 2),
-                ));
-            }
+        if let RopeScaling::Divisors(d) = &self.rope_scaling
+            && d.len() != self.head_dim / 2
+        {
+            return Err(bad(
+                "rope_freqs.weight",
+                format!("{} values", d.len()),
+                &format!("expected head_dim / 2 = {}", self.head_dim / 2),
+            ));
         }
         Ok(())
     }
@@ -194,7 +204,7 @@ impl ModelConfig {
         let head_dim = match raw.head_dim {
             Some(d) => d,
             None => {
-                if num_heads == 0 || raw.hidden_size % num_heads != 0 {
+                if num_heads == 0 || !raw.hidden_size.is_multiple_of(num_heads) {
                     return Err(err(format!(
                         "hidden_size = {} is not divisible by num_attention_heads = {num_heads}",
                         raw.hidden_size
@@ -230,7 +240,8 @@ impl ModelConfig {
                             high_freq_factor: high,
                             original_max_position_embeddings: s
                                 .original_max_position_embeddings
-                                .unwrap_or(8192) as f64,
+                                .unwrap_or(8192)
+                                as f64,
                         }
                     }
                     other => {

@@ -158,8 +158,8 @@ impl Loader<'_> {
             let dense = q
                 .dequantize(self.device)
                 .map_err(|e| self.tensor_err(name, e))?;
-            let q8 = QTensor::quantize(&dense, GgmlDType::Q8_0)
-                .map_err(|e| self.tensor_err(name, e))?;
+            let q8 =
+                QTensor::quantize(&dense, GgmlDType::Q8_0).map_err(|e| self.tensor_err(name, e))?;
             return Ok(Arc::new(q8));
         }
         Ok(q)
@@ -254,8 +254,8 @@ impl Decoder {
             let weight = match &embed {
                 Embedding::Dense(t) => LinearWeight::Dense(t.clone()),
                 Embedding::Quantized(q) => {
-                    let m = QMatMul::from_arc(q.clone())
-                        .map_err(|e| ld.tensor_err(embed_name, e))?;
+                    let m =
+                        QMatMul::from_arc(q.clone()).map_err(|e| ld.tensor_err(embed_name, e))?;
                     LinearWeight::Quantized(Arc::new(m), q.clone())
                 }
             };
@@ -309,7 +309,11 @@ impl Decoder {
             Embedding::Quantized(q) => q.storage_size_in_bytes(),
         };
         embed
-            + if self.tied_head { 0 } else { lin(&self.lm_head) }
+            + if self.tied_head {
+                0
+            } else {
+                lin(&self.lm_head)
+            }
             + self.sites().map(lin).sum::<usize>()
             + self
                 .layers
@@ -370,7 +374,9 @@ impl Decoder {
         delta: &dyn SiteDelta,
     ) -> Result<Tensor> {
         if rows.is_empty() {
-            return Err(ModelError::Input("a forward pass needs at least one row".into()));
+            return Err(ModelError::Input(
+                "a forward pass needs at least one row".into(),
+            ));
         }
         if rows.len() != caches.len() {
             return Err(ModelError::Input(format!(
@@ -385,7 +391,11 @@ impl Decoder {
             if row.tokens.is_empty() {
                 return Err(ModelError::Input(format!("row {i} has no tokens")));
             }
-            if let Some(&bad) = row.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            if let Some(&bad) = row
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.vocab_size)
+            {
                 return Err(ModelError::Input(format!(
                     "row {i}: token id {bad} is outside the vocabulary of {} tokens",
                     self.cfg.vocab_size
@@ -497,7 +507,10 @@ impl Decoder {
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let t = q.dim(0)?;
         let rope = |x: &Tensor, heads: usize| -> candle_core::Result<Tensor> {
-            let x = x.reshape((1, t, heads, hd))?.transpose(1, 2)?.contiguous()?;
+            let x = x
+                .reshape((1, t, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
             let x = match self.cfg.rope_style {
                 RopeStyle::Halves => candle_nn::rotary_emb::rope(&x, cos, sin)?,
                 RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, cos, sin)?,

@@ -116,7 +116,11 @@ impl TextStream {
         while !self.text.is_char_boundary(upto) {
             upto -= 1;
         }
-        let piece = self.text.get(self.emitted..upto).unwrap_or_default().to_string();
+        let piece = self
+            .text
+            .get(self.emitted..upto)
+            .unwrap_or_default()
+            .to_string();
         self.emitted = upto.max(self.emitted);
         piece
     }

@@ -48,10 +48,7 @@ impl Model {
         } else {
             Err(ModelError::Io {
                 file: path.to_path_buf(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no such file or folder",
-                ),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
             })
         }
     }
@@ -201,12 +198,7 @@ fn gguf_config(
         })?;
     let rope_scaling = if store.contains("rope_freqs.weight") {
         let t = store.dense("rope_freqs.weight", &[head_dim / 2], device)?;
-        RopeScaling::Divisors(
-            t.to_vec1::<f32>()?
-                .into_iter()
-                .map(f64::from)
-                .collect(),
-        )
+        RopeScaling::Divisors(t.to_vec1::<f32>()?.into_iter().map(f64::from).collect())
     } else {
         match meta
             .get(&key("rope.scaling.type"))

@@ -256,9 +256,7 @@ impl WeightStore {
                     .map_err(|e| self.tensor_err(name, e))?;
                 Ok(StoredTensor::Dense(tensor))
             }
-            Store::Gguf {
-                content, file, ..
-            } => {
+            Store::Gguf { content, file, .. } => {
                 let info = content
                     .tensor_infos
                     .get(name)
@@ -270,9 +268,7 @@ impl WeightStore {
                     .map_err(|e| self.tensor_err(name, e))?;
                 match q.dtype() {
                     GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
-                        let t = q
-                            .dequantize(device)
-                            .map_err(|e| self.tensor_err(name, e))?;
+                        let t = q.dequantize(device).map_err(|e| self.tensor_err(name, e))?;
                         Ok(StoredTensor::Dense(t))
                     }
                     _ => Ok(StoredTensor::Quantized(Arc::new(q))),
@@ -296,7 +292,11 @@ impl WeightStore {
         match &self.0 {
             Store::Safetensors { files, by_name, .. } => {
                 let &i = by_name.get(name)?;
-                files[i].view().tensor(name).ok().map(|t| t.shape().to_vec())
+                files[i]
+                    .view()
+                    .tensor(name)
+                    .ok()
+                    .map(|t| t.shape().to_vec())
             }
             Store::Gguf { content, .. } => content
                 .tensor_infos
