@@ -677,3 +677,47 @@ fn chat_template_comes_from_the_model() {
             .is_eos(llama.tokenizer.encode("<|eot_id|>").unwrap()[0])
     );
 }
+
+#[test]
+fn long_prefill_on_quantized_weights_equals_the_dequantized_reference() {
+    // From DENSE_PREFILL_MIN_ROWS rows on, quantized linears dequantize and run the f32 GEMM:
+    // that fast path must equal the dequantized twin, and stay within the quantization error of
+    // the 8-bit-activation kernel that short inputs (decode) use.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_tiny_llama_gguf(dir.path(), GgmlDType::Q4_0);
+    let model = Model::load(
+        &path,
+        &LoadOptions {
+            requantize: Requantize::Never,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let ids: Vec<u32> = expected("tiny-llama").iter().flat_map(ids_of).collect();
+    assert!(ids.len() >= ramole_core::model::DENSE_PREFILL_MIN_ROWS);
+    let fast = logits_all(&model.decoder, &ids);
+    let twin = logits_all(&model.decoder.dequantized().unwrap(), &ids);
+    for (f, t) in fast.iter().zip(&twin) {
+        assert!(max_abs_diff(f, t) < 1e-4);
+    }
+    let mut cache = model.decoder.new_cache();
+    for (i, &t) in ids.iter().enumerate() {
+        let step: Vec<f32> = model
+            .decoder
+            .forward(
+                &[RowInput { tokens: &[t] }],
+                &mut [&mut cache],
+                LogitsAt::Last,
+                &NoDelta,
+            )
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let spread = fast[i].iter().cloned().fold(f32::MIN, f32::max)
+            - fast[i].iter().cloned().fold(f32::MAX, f32::min);
+        let rel = max_abs_diff(&step, &fast[i]) / spread;
+        assert!(rel < 0.03, "position {i}: relative error {rel}");
+    }
+}

@@ -81,6 +81,10 @@ impl SiteDelta for NoDelta {
     }
 }
 
+/// From this many rows on, a quantized linear dequantizes its weight and multiplies in f32
+/// (`ramole bench model` measures both sides of this choice).
+pub const DENSE_PREFILL_MIN_ROWS: usize = 24;
+
 /// A weight matrix `[out_features, in_features]`, dense f32 or quantized (kept in its GGUF
 /// block format and multiplied through candle's quantized matmul).
 #[derive(Clone)]
@@ -167,10 +171,17 @@ impl Linear {
         Ok(y)
     }
 
-    /// `W x + b` without any delta.
+    /// `W x + b` without any delta. `x`: `[n, in_features]`.
     pub fn forward_base(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
+            // candle's quantized matmul does one dot product per (row, column) with no reuse of
+            // weights across rows, so for many rows (prefill) it is much faster to dequantize the
+            // weight once and run the f32 GEMM. Same weights, f32 activations: as exact as the
+            // dequantized reference, more exact than the 8-bit-activation kernel.
+            LinearWeight::Quantized(_, q) if x.dim(0)? >= DENSE_PREFILL_MIN_ROWS => {
+                x.matmul(&q.dequantize(x.device())?.t()?)?
+            }
             LinearWeight::Quantized(m, _) => m.forward(&x.contiguous()?)?,
         };
         match &self.bias {

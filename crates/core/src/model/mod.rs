@@ -20,7 +20,9 @@ pub use cache::SeqCache;
 pub use config::{Arch, ModelConfig, RopeScaling, RopeStyle};
 pub use decoder::{Decoder, LogitsAt, Requantize, RowInput};
 pub use generate::{FinishReason, GenerateParams, Generation, Timings, generate};
-pub use linear::{Linear, LinearWeight, NoDelta, RowSpan, Site, SiteDelta, SiteKind};
+pub use linear::{
+    DENSE_PREFILL_MIN_ROWS, Linear, LinearWeight, NoDelta, RowSpan, Site, SiteDelta, SiteKind,
+};
 pub use loader::{LoadOptions, Model};
 pub use sample::{Sampler, Sampling};
 pub use template::{ChatMessage, ChatTemplate};
