@@ -8,7 +8,7 @@ use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 use ramole_core::model::{
     ChatMessage, Decoder, FinishReason, GenerateParams, LoadOptions, LogitsAt, Model, ModelError,
-    NoDelta, Requantize, RowInput, generate,
+    NoDelta, Requantize, RowInput, SeqCache, generate,
 };
 use serde_json::Value;
 
@@ -85,6 +85,21 @@ fn logits_last(d: &Decoder, ids: &[u32]) -> Vec<f32> {
     d.forward(
         &[RowInput { tokens: ids }],
         &mut [&mut cache],
+        LogitsAt::Last,
+        &NoDelta,
+    )
+    .unwrap()
+    .squeeze(0)
+    .unwrap()
+    .to_vec1()
+    .unwrap()
+}
+
+/// Feeds one token after what `cache` holds; the next-token logits.
+fn step_logits(d: &Decoder, cache: &mut SeqCache, token: u32) -> Vec<f32> {
+    d.forward(
+        &[RowInput { tokens: &[token] }],
+        &mut [cache],
         LogitsAt::Last,
         &NoDelta,
     )
@@ -177,18 +192,7 @@ fn token_by_token_decoding_equals_one_prefill() {
         let full = logits_all(d, &ids);
         let mut cache = d.new_cache();
         for (i, &t) in ids.iter().enumerate() {
-            let step: Vec<f32> = d
-                .forward(
-                    &[RowInput { tokens: &[t] }],
-                    &mut [&mut cache],
-                    LogitsAt::Last,
-                    &NoDelta,
-                )
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let step = step_logits(d, &mut cache, t);
             let diff = max_abs_diff(&step, &full[i]);
             assert!(diff < 1e-4, "{name} position {i}: {diff}");
         }
@@ -454,22 +458,30 @@ fn smollm2_quantized_agrees_with_dequantized_twin() {
     assert!(diff < 1.0, "max |diff| {diff}");
 }
 
-#[test]
-fn smollm2_greedy_story_and_chat_reply_stop_cleanly() {
-    let model = load(&smollm2());
+/// Continues the story prompt; the result and the text streamed on the way.
+fn story(model: &Model, params: GenerateParams) -> (ramole_core::model::Generation, String) {
     let ids = model
         .tokenizer
         .encode("Once upon a time, there was a little")
         .unwrap();
-    let params = GenerateParams {
-        max_tokens: 8,
-        ..Default::default()
-    };
     let mut streamed = String::new();
-    let g = generate(&model, &ids, &params, &NoDelta, &mut |p| {
+    let g = generate(model, &ids, &params, &NoDelta, &mut |p| {
         streamed.push_str(p)
     })
     .unwrap();
+    (g, streamed)
+}
+
+#[test]
+fn smollm2_greedy_story_and_chat_reply_stop_cleanly() {
+    let model = load(&smollm2());
+    let (g, streamed) = story(
+        &model,
+        GenerateParams {
+            max_tokens: 8,
+            ..Default::default()
+        },
+    );
     assert!(g.text.starts_with(" girl"), "{:?}", g.text);
     assert_eq!(streamed, g.text);
     assert_eq!(g.generated_tokens, 8);
@@ -501,20 +513,14 @@ fn smollm2_greedy_story_and_chat_reply_stop_cleanly() {
 #[test]
 fn stop_strings_end_generation_before_them() {
     let model = load(&smollm2());
-    let ids = model
-        .tokenizer
-        .encode("Once upon a time, there was a little")
-        .unwrap();
-    let params = GenerateParams {
-        max_tokens: 30,
-        stop: vec![" who".into(), " named".into()],
-        ..Default::default()
-    };
-    let mut streamed = String::new();
-    let g = generate(&model, &ids, &params, &NoDelta, &mut |p| {
-        streamed.push_str(p)
-    })
-    .unwrap();
+    let (g, streamed) = story(
+        &model,
+        GenerateParams {
+            max_tokens: 30,
+            stop: vec![" who".into(), " named".into()],
+            ..Default::default()
+        },
+    );
     assert_eq!(g.finish_reason, FinishReason::Stop);
     assert_eq!(g.text, " girl");
     assert_eq!(streamed, " girl");
@@ -702,19 +708,7 @@ fn long_prefill_on_quantized_weights_equals_the_dequantized_reference() {
     }
     let mut cache = model.decoder.new_cache();
     for (i, &t) in ids.iter().enumerate() {
-        let step: Vec<f32> = model
-            .decoder
-            .forward(
-                &[RowInput { tokens: &[t] }],
-                &mut [&mut cache],
-                LogitsAt::Last,
-                &NoDelta,
-            )
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let step = step_logits(&model.decoder, &mut cache, t);
         let spread = fast[i].iter().cloned().fold(f32::MIN, f32::max)
             - fast[i].iter().cloned().fold(f32::MAX, f32::min);
         let rel = max_abs_diff(&step, &fast[i]) / spread;

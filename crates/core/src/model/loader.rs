@@ -13,7 +13,7 @@ use super::decoder::{Decoder, Requantize};
 use super::template::ChatTemplate;
 use super::tokenizer::TextTokenizer;
 use super::weights::WeightStore;
-use super::{ModelError, Result};
+use super::{ModelError, Result, read_optional_json};
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -115,18 +115,9 @@ impl Model {
 /// `chat_template` of `tokenizer_config.json`: a string, or a list of named templates of which
 /// `default` is used.
 fn hf_chat_template(path: &Path) -> Result<Option<String>> {
-    if !path.exists() {
+    let Some(v) = read_optional_json(path)? else {
         return Ok(None);
-    }
-    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-        file: path.to_path_buf(),
-        source,
-    })?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Format {
-        file: path.to_path_buf(),
-        format: "JSON",
-        message: e.to_string(),
-    })?;
+    };
     Ok(match v.get("chat_template") {
         Some(serde_json::Value::String(s)) => Some(s.clone()),
         Some(serde_json::Value::Array(list)) => list

@@ -88,3 +88,22 @@ impl From<candle_core::Error> for ModelError {
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+/// Parses a JSON file that a model folder may or may not have: `None` when it is absent, an
+/// error naming the file when it is unreadable or malformed.
+pub(crate) fn read_optional_json(path: &std::path::Path) -> Result<Option<serde_json::Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        file: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| ModelError::Format {
+            file: path.to_path_buf(),
+            format: "JSON",
+            message: e.to_string(),
+        })
+}

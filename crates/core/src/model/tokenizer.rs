@@ -10,7 +10,7 @@ use candle_core::quantized::gguf_file::Value;
 use serde_json::json;
 use tokenizers::Tokenizer;
 
-use super::{ModelError, Result};
+use super::{ModelError, Result, read_optional_json};
 
 /// Texts of tokens that end generation wherever they appear as special tokens: llama.cpp treats
 /// the same set as end-of-generation, because chat models end turns with them even when the
@@ -55,7 +55,7 @@ impl TextTokenizer {
         let mut eos_token = None;
         let mut add_bos = false;
         let cfg_path = dir.join("tokenizer_config.json");
-        if let Some(cfg) = read_json(&cfg_path)? {
+        if let Some(cfg) = read_optional_json(&cfg_path)? {
             bos_token = token_text(cfg.get("bos_token"));
             eos_token = token_text(cfg.get("eos_token"));
             add_bos = cfg
@@ -64,7 +64,7 @@ impl TextTokenizer {
                 .unwrap_or(false);
         }
         let mut eos_ids: BTreeSet<u32> = config_eos.iter().copied().collect();
-        if let Some(gen_cfg) = read_json(&dir.join("generation_config.json"))? {
+        if let Some(gen_cfg) = read_optional_json(&dir.join("generation_config.json"))? {
             match gen_cfg.get("eos_token_id") {
                 Some(serde_json::Value::Number(n)) => {
                     eos_ids.extend(n.as_u64().map(|v| v as u32));
@@ -259,23 +259,6 @@ impl TextTokenizer {
     pub fn eos_token(&self) -> Option<&str> {
         self.eos_token.as_deref()
     }
-}
-
-fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-        file: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| ModelError::Format {
-            file: path.to_path_buf(),
-            format: "JSON",
-            message: e.to_string(),
-        })
 }
 
 /// `bos_token`/`eos_token` are a string or an AddedToken object with `content`.
