@@ -148,8 +148,14 @@ def rms(x, w, eps):
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
 
 
-def forward(cfg, W, ids):
-    """Logits for every position of one sequence, float64."""
+def forward(cfg, W, ids, delta=None):
+    """Logits for every position of one sequence, float64. `delta(layer, module, h)` returns a
+    term added to that linear's output (the LoRA mixture), or None."""
+
+    def add(L, module, h, y):
+        d = delta(L, module, h) if delta else None
+        return y if d is None else y + d
+
     d, hd = cfg["hidden_size"], cfg["head_dim"]
     nh, nkv, eps = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["rms_norm_eps"]
     t = len(ids)
@@ -174,7 +180,8 @@ def forward(cfg, W, ids):
         def proj(n):
             y = h @ W[p + f"self_attn.{n}_proj.weight"].T
             b = W.get(p + f"self_attn.{n}_proj.bias")
-            return y + b if b is not None else y
+            y = y + b if b is not None else y
+            return add(L, f"{n}_proj", h, y)
 
         q = rope(proj("q").reshape(t, nh, hd).transpose(1, 0, 2))
         k = rope(proj("k").reshape(t, nkv, hd).transpose(1, 0, 2))
@@ -185,11 +192,12 @@ def forward(cfg, W, ids):
         s = np.exp(s - s.max(-1, keepdims=True))
         s /= s.sum(-1, keepdims=True)
         a = (s @ v).transpose(1, 0, 2).reshape(t, nh * hd)
-        x = x + a @ W[p + "self_attn.o_proj.weight"].T
+        x = x + add(L, "o_proj", a, a @ W[p + "self_attn.o_proj.weight"].T)
         h = rms(x, W[p + "post_attention_layernorm.weight"], eps)
-        g = h @ W[p + "mlp.gate_proj.weight"].T
-        u = h @ W[p + "mlp.up_proj.weight"].T
-        x = x + ((g / (1 + np.exp(-g))) * u) @ W[p + "mlp.down_proj.weight"].T
+        g = add(L, "gate_proj", h, h @ W[p + "mlp.gate_proj.weight"].T)
+        u = add(L, "up_proj", h, h @ W[p + "mlp.up_proj.weight"].T)
+        m = (g / (1 + np.exp(-g))) * u
+        x = x + add(L, "down_proj", m, m @ W[p + "mlp.down_proj.weight"].T)
     x = rms(x, W["model.norm.weight"], eps)
     head = W["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else W["lm_head.weight"]
     return x @ head.T
@@ -232,17 +240,18 @@ def build(name, cfg, dtype, shards, specials, template, bos, eos, seed):
     print(name, "vocab", cfg["vocab_size"], "cases", [len(c["ids"]) for c in cases])
 
 
-BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256)
+if __name__ == "__main__":
+    BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256)
 
-build("tiny-llama", dict(BASE, model_type="llama", rope_theta=10000.0, tie_word_embeddings=False,
-                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-      "F32", 2, ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
-      LLAMA3_LIKE, "<|begin_of_text|>", "<|eot_id|>", 1)
-build("tiny-qwen2", dict(BASE, model_type="qwen2", rope_theta=1000000.0, tie_word_embeddings=True,
-                         num_key_value_heads=1),
-      "BF16", 1, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], CHATML, "<|endoftext|>", "<|im_end|>", 2)
-build("tiny-mistral", dict(BASE, model_type="mistral", rope_theta=10000.0, tie_word_embeddings=False,
-                           sliding_window=4),
-      "F16", 1, ["<s>", "</s>", "<|im_start|>", "<|im_end|>"], CHATML, "<s>", "</s>", 3)
+    build("tiny-llama", dict(BASE, model_type="llama", rope_theta=10000.0, tie_word_embeddings=False,
+                             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+          "F32", 2, ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
+          LLAMA3_LIKE, "<|begin_of_text|>", "<|eot_id|>", 1)
+    build("tiny-qwen2", dict(BASE, model_type="qwen2", rope_theta=1000000.0, tie_word_embeddings=True,
+                             num_key_value_heads=1),
+          "BF16", 1, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], CHATML, "<|endoftext|>", "<|im_end|>", 2)
+    build("tiny-mistral", dict(BASE, model_type="mistral", rope_theta=10000.0, tie_word_embeddings=False,
+                               sliding_window=4),
+          "F16", 1, ["<s>", "</s>", "<|im_start|>", "<|im_end|>"], CHATML, "<s>", "</s>", 3)

@@ -325,34 +325,46 @@ impl Decoder {
     /// The same model with every weight dequantized to f32: the slow reference of the quantized
     /// path.
     pub fn dequantized(&self) -> Result<Self> {
-        let embed = match &self.embed {
-            Embedding::Dense(t) => Embedding::Dense(t.clone()),
-            Embedding::Quantized(q) => Embedding::Dense(q.dequantize(&self.device)?),
-        };
+        let mut d = self.map_linears(|l| l.dequantized())?;
+        if let Embedding::Quantized(q) = &self.embed {
+            d.embed = Embedding::Dense(q.dequantize(&self.device)?);
+        }
+        d.lm_head = self.lm_head.dequantized()?;
+        d.tied_head = false;
+        Ok(d)
+    }
+
+    /// The same model with every LoRA-site linear replaced by `f(linear)` (for example with an
+    /// adapter merged into its weight: the reference of the unmerged path).
+    pub fn map_linears(&self, f: impl Fn(&Linear) -> candle_core::Result<Linear>) -> Result<Self> {
         let layers = self
             .layers
             .iter()
             .map(|l| {
                 Ok(Layer {
                     attn_norm: l.attn_norm.clone(),
-                    q: l.q.dequantized()?,
-                    k: l.k.dequantized()?,
-                    v: l.v.dequantized()?,
-                    o: l.o.dequantized()?,
+                    q: f(&l.q)?,
+                    k: f(&l.k)?,
+                    v: f(&l.v)?,
+                    o: f(&l.o)?,
                     mlp_norm: l.mlp_norm.clone(),
-                    gate: l.gate.dequantized()?,
-                    up: l.up.dequantized()?,
-                    down: l.down.dequantized()?,
+                    gate: f(&l.gate)?,
+                    up: f(&l.up)?,
+                    down: f(&l.down)?,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
+        let embed = match &self.embed {
+            Embedding::Dense(t) => Embedding::Dense(t.clone()),
+            Embedding::Quantized(q) => Embedding::Quantized(q.clone()),
+        };
         Ok(Self {
             cfg: self.cfg.clone(),
             embed,
             layers,
             norm: self.norm.clone(),
-            lm_head: self.lm_head.dequantized()?,
-            tied_head: false,
+            lm_head: self.lm_head.clone(),
+            tied_head: self.tied_head,
             inv_freq: self.inv_freq.clone(),
             device: self.device.clone(),
         })

@@ -155,6 +155,14 @@ impl Linear {
         })
     }
 
+    /// The same layer with `delta` (`[out, in]`) added to its weight, dequantized to f32.
+    pub fn with_weight_added(&self, delta: &Tensor) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: LinearWeight::Dense((self.dense_weight()? + delta)?),
+            ..self.clone()
+        })
+    }
+
     /// `x`: `[n, in_features]` -> `[n, out_features]`, plus the site's delta for each row.
     pub fn forward(
         &self,
