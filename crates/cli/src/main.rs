@@ -4,15 +4,18 @@
 mod bench;
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use ramole_core::adapter::LoraAdapter;
 use ramole_core::model::{
-    ChatMessage, GenerateParams, LoadOptions, LogitsAt, Model, NoDelta, Requantize, RowInput,
-    Sampling, generate,
+    ChatMessage, GenerateParams, LoadOptions, LogitsAt, Model, Requantize, RowInput, Sampling,
+    generate,
 };
+use ramole_core::mole::{CompiledMix, MixDelta, Plan};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -62,10 +65,74 @@ impl BaseArgs {
     }
 }
 
+/// LoRA adapters applied to the request and how they are combined (DESIGN.md 3a).
+#[derive(Args)]
+struct AdapterArgs {
+    /// A PEFT adapter folder, optionally with its gate: `dir=0.3` (repeatable; no gate = 1.0).
+    #[arg(long = "adapter", value_name = "DIR[=GATE]")]
+    adapters: Vec<String>,
+    /// none | selection | mixture | fusion (default: mixture with adapters, none without).
+    #[arg(long)]
+    plan: Option<String>,
+}
+
+impl AdapterArgs {
+    /// Loads the adapters against `model` and compiles the plan for one row.
+    fn compile(&self, model: &Model) -> Result<(Plan, MixDelta, Vec<serde_json::Value>)> {
+        let plan: Plan = match &self.plan {
+            Some(p) => p.parse()?,
+            None if self.adapters.is_empty() => Plan::None,
+            None => Plan::Mixture,
+        };
+        if plan != Plan::None && self.adapters.is_empty() {
+            bail!("--plan {plan} needs at least one --adapter");
+        }
+        let mut loaded = Vec::new();
+        let mut listed = Vec::new();
+        for spec in &self.adapters {
+            let (dir, gate) = parse_adapter_spec(spec)?;
+            let adapter = LoraAdapter::load(Path::new(dir), &model.decoder)
+                .with_context(|| format!("loading adapter {dir}"))?;
+            let (attached, total) = adapter.coverage();
+            listed.push(json!({
+                "name": adapter.name, "path": dir, "gate": gate,
+                "ranks": adapter.ranks(), "coverage": {"attached": attached, "linears": total},
+            }));
+            loaded.push((Arc::new(adapter), gate));
+        }
+        let mix = CompiledMix::new(plan, &loaded)?;
+        if plan == Plan::None {
+            listed.clear();
+        }
+        Ok((
+            plan,
+            MixDelta {
+                rows: vec![Some(Arc::new(mix))],
+            },
+            listed,
+        ))
+    }
+}
+
+/// `dir` or `dir=gate`; a suffix after `=` that is not a number belongs to the path.
+fn parse_adapter_spec(spec: &str) -> Result<(&str, f32)> {
+    if let Some((dir, gate)) = spec.rsplit_once('=')
+        && let Ok(g) = gate.trim().parse::<f32>()
+    {
+        if dir.is_empty() {
+            bail!("--adapter {spec:?} names no folder");
+        }
+        return Ok((dir, g));
+    }
+    Ok((spec, 1.0))
+}
+
 #[derive(Args)]
 struct GenerateArgs {
     #[command(flatten)]
     base: BaseArgs,
+    #[command(flatten)]
+    lora: AdapterArgs,
     /// The prompt (with --chat: the user message).
     #[arg(long)]
     prompt: String,
@@ -99,6 +166,8 @@ struct GenerateArgs {
 struct LogitsArgs {
     #[command(flatten)]
     base: BaseArgs,
+    #[command(flatten)]
+    lora: AdapterArgs,
     #[arg(long)]
     prompt: String,
     /// How many of the largest logits to print.
@@ -145,6 +214,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         );
     }
     let model = a.base.load()?;
+    let (plan, delta, adapters) = a.lora.compile(&model)?;
     let prompt_ids = if a.chat {
         let mut messages = Vec::new();
         if let Some(s) = &a.system {
@@ -175,12 +245,14 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             let _ = out.flush();
         }
     };
-    let g = generate(&model, &prompt_ids, &params, &NoDelta, &mut on_text)?;
+    let g = generate(&model, &prompt_ids, &params, &delta, &mut on_text)?;
     if a.json {
         let v = json!({
             "text": g.text,
             "tokens": {"prompt": g.prompt_tokens, "generated": g.generated_tokens},
             "finish_reason": g.finish_reason,
+            "plan": plan,
+            "adapters": adapters,
             "timings": g.timings,
         });
         writeln!(out, "{v}")?;
@@ -201,6 +273,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
 fn run_logits(a: LogitsArgs) -> Result<()> {
     check_prompt(&a.prompt)?;
     let model = a.base.load()?;
+    let (_, delta, _) = a.lora.compile(&model)?;
     let ids = model.tokenizer.encode(&a.prompt)?;
     if ids.is_empty() {
         bail!("--prompt {:?} has no tokens", a.prompt);
@@ -210,7 +283,7 @@ fn run_logits(a: LogitsArgs) -> Result<()> {
         &[RowInput { tokens: &ids }],
         &mut [&mut cache],
         LogitsAt::Last,
-        &NoDelta,
+        &delta,
     )?;
     let logits: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
     let mut order: Vec<usize> = (0..logits.len()).collect();

@@ -199,3 +199,111 @@ fn errors_go_to_stderr_with_a_nonzero_exit() {
     ]);
     assert!(err.contains("--max-tokens 0"), "{err}");
 }
+
+fn lora(name: &str) -> String {
+    fixture(&format!("lora/{name}"))
+}
+
+#[test]
+fn adapters_and_gates_on_the_command_line_match_the_oracle() {
+    let base = fixture("tiny-llama");
+    let (a1, a2, a3) = (lora("all-linear-r4"), lora("rslora-r8"), lora("qv-r4"));
+    let v = json_of(&ramole(&[
+        "logits",
+        "--base",
+        &base,
+        "--prompt",
+        "Once upon a time, there was a little",
+        "--adapter",
+        &format!("{a1}=0.5"),
+        "--adapter",
+        &format!("{a2}=0.3"),
+        "--adapter",
+        &format!("{a3}=0.2"),
+        "--plan",
+        "mixture",
+        "--top",
+        "3",
+        "--json",
+    ]));
+    let oracle: Value =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(&lora("expected.json"))).unwrap())
+            .unwrap();
+    let want = &oracle["last_logits"]["mixture"][0];
+    for t in v["top"].as_array().unwrap() {
+        let id = t["id"].as_u64().unwrap() as usize;
+        assert!((t["logit"].as_f64().unwrap() - want[id].as_f64().unwrap()).abs() < 1e-4);
+    }
+
+    let g = json_of(&ramole(&[
+        "generate",
+        "--base",
+        &base,
+        "--prompt",
+        "The fox",
+        "--adapter",
+        &a3,
+        "--max-tokens",
+        "3",
+        "--json",
+    ]));
+    assert_eq!(g["plan"], "mixture");
+    let used = g["adapters"].as_array().unwrap();
+    assert_eq!(used.len(), 1);
+    assert_eq!(used[0]["name"], "qv-r4");
+    assert_eq!(used[0]["gate"], 1.0);
+    assert_eq!(used[0]["coverage"]["attached"], 4);
+}
+
+#[test]
+fn adapter_mistakes_are_clear_errors() {
+    let base = fixture("tiny-llama");
+    let err = failure(&[
+        "logits",
+        "--base",
+        &base,
+        "--prompt",
+        "hi",
+        "--adapter",
+        &lora("qv-r4"),
+        "--adapter",
+        &lora("rslora-r8"),
+        "--plan",
+        "fusion",
+    ]);
+    assert!(err.contains("fusion") && err.contains("rank"), "{err}");
+    let err = failure(&[
+        "logits",
+        "--base",
+        &base,
+        "--prompt",
+        "hi",
+        "--adapter",
+        &format!("{}=-2", lora("qv-r4")),
+    ]);
+    assert!(err.contains("gate 0 = -2"), "{err}");
+    let err = failure(&[
+        "logits",
+        "--base",
+        &base,
+        "--prompt",
+        "hi",
+        "--adapter",
+        "/no/adapter",
+    ]);
+    assert!(err.contains("/no/adapter/adapter_config.json"), "{err}");
+    let err = failure(&[
+        "logits",
+        "--base",
+        &base,
+        "--prompt",
+        "hi",
+        "--plan",
+        "selection",
+    ]);
+    assert!(err.contains("needs at least one --adapter"), "{err}");
+    let err = failure(&[
+        "logits", "--base", &base, "--prompt", "hi", "--plan", "blend",
+    ]);
+    assert!(err.contains("unknown plan \"blend\""), "{err}");
+}
