@@ -4,7 +4,13 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use ramole_core::model::{LoadOptions, LogitsAt, Model, NoDelta, Requantize, RowInput};
+use std::sync::Arc;
+
+use ramole_core::adapter::{LoraAdapter, write_random_peft};
+use ramole_core::model::{
+    Decoder, LoadOptions, LogitsAt, Model, NoDelta, Requantize, RowInput, SiteDelta,
+};
+use ramole_core::mole::{CompiledMix, MixDelta, Plan};
 use serde_json::json;
 
 use crate::BaseArgs;
@@ -14,6 +20,29 @@ pub(crate) enum BenchCommand {
     /// Prefill and decode tokens/s of one model, batch 1. For a GGUF with Q4_1/Q5_x tensors both
     /// the stored form and the Q8_0 re-quantization are measured, side by side.
     Model(ModelBench),
+    /// Decode slowdown of a gated mixture of seeded random all-linear adapters against the base,
+    /// measured interleaved in one run. The adapters are written to --out (PEFT format) so other
+    /// engines can run the same ones.
+    Lora(LoraBench),
+}
+
+#[derive(Args)]
+pub(crate) struct LoraBench {
+    #[command(flatten)]
+    base: BaseArgs,
+    #[arg(long, default_value_t = 3)]
+    adapters: usize,
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Where the adapters are written (default: a folder under the system temp dir).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -36,6 +65,7 @@ pub(crate) struct ModelBench {
 pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Model(b) => model_bench(b),
+        BenchCommand::Lora(b) => lora_bench(b),
     }
 }
 
@@ -142,6 +172,88 @@ fn model_bench(b: ModelBench) -> Result<()> {
                 r["decode_tok_s"].as_f64().unwrap_or(0.0)
             );
         }
+    }
+    Ok(())
+}
+
+/// Greedy decode steps per second after prefilling `prompt`.
+fn decode_rate(d: &Decoder, prompt: &[u32], steps: usize, delta: &dyn SiteDelta) -> Result<f64> {
+    let mut cache = d.new_cache();
+    let logits = d.forward(
+        &[RowInput { tokens: prompt }],
+        &mut [&mut cache],
+        LogitsAt::Last,
+        delta,
+    )?;
+    let mut next = argmax(&logits.squeeze(0)?.to_vec1()?);
+    let t = Instant::now();
+    for _ in 0..steps {
+        let l = d.forward(
+            &[RowInput { tokens: &[next] }],
+            &mut [&mut cache],
+            LogitsAt::Last,
+            delta,
+        )?;
+        next = argmax(&l.squeeze(0)?.to_vec1()?);
+    }
+    Ok(steps as f64 / t.elapsed().as_secs_f64())
+}
+
+fn lora_bench(b: LoraBench) -> Result<()> {
+    if b.adapters == 0 || b.rank == 0 {
+        anyhow::bail!("--adapters and --rank must be at least 1");
+    }
+    let model = b.base.load()?;
+    let d = &model.decoder;
+    let out = b
+        .out
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("ramole-bench-lora"));
+    let mut loaded = Vec::new();
+    for i in 0..b.adapters {
+        let dir = out.join(format!("adapter-{i}"));
+        write_random_peft(&dir, d, b.rank, 2.0 * b.rank as f64, 1000 + i as u64)?;
+        loaded.push((
+            Arc::new(LoraAdapter::load(&dir, d)?),
+            1.0 / b.adapters as f32,
+        ));
+    }
+    let adapter_mb = loaded.iter().map(|(a, _)| a.bytes()).sum::<usize>() as f64 / 1e6;
+    let mix = MixDelta {
+        rows: vec![Some(Arc::new(CompiledMix::new(Plan::Mixture, &loaded)?))],
+    };
+    let prompt = synthetic_ids(32, d.config().vocab_size);
+    let (mut base, mut mixed) = (0f64, 0f64);
+    // Interleaved, best of N: both sides see the same machine conditions.
+    for rep in 0..=b.repeats {
+        let rb = decode_rate(d, &prompt, b.decode_tokens, &NoDelta)?;
+        let rm = decode_rate(d, &prompt, b.decode_tokens, &mix)?;
+        if rep > 0 {
+            base = base.max(rb);
+            mixed = mixed.max(rm);
+        }
+    }
+    let slowdown = 1.0 - mixed / base;
+    if b.json {
+        println!(
+            "{}",
+            json!({"base": b.base.base, "adapters": b.adapters, "rank": b.rank, "adapter_dir": out,
+                   "adapter_mb_f32": adapter_mb, "base_decode_tok_s": base,
+                   "mixture_decode_tok_s": mixed, "slowdown": slowdown})
+        );
+    } else {
+        println!(
+            "{} adapters of rank {} (all-linear, {:.1} MB f32) in {}",
+            b.adapters,
+            b.rank,
+            adapter_mb,
+            out.display()
+        );
+        println!("base decode     {base:>8.1} tok/s");
+        println!(
+            "mixture decode  {mixed:>8.1} tok/s  ({:.1}% slower)",
+            slowdown * 100.0
+        );
     }
     Ok(())
 }

@@ -358,3 +358,50 @@ fn every_unsupported_adapter_is_refused_with_its_reason() {
     std::fs::write(dir.path().join("adapter_model.safetensors"), empty).unwrap();
     assert!(refusal(dir.path(), d).contains("attaches to none"));
 }
+
+#[test]
+fn a_random_adapter_on_smollm2_agrees_with_llama_cpp() {
+    // The same seeded adapter (written by write_random_peft, converted to a GGUF LoRA by
+    // scripts/peft-to-gguf-lora.py) in llama.cpp at scale 4: the adapter moves the top logits by
+    // ~6, the two engines' quantized kernels differ by < 0.5.
+    let model = load(&smollm2());
+    let d = &model.decoder;
+    let oracle: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("smollm2-lora-llamacpp.json")).unwrap(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    ramole_core::adapter::write_random_peft(dir.path(), d, 8, 16.0, 1000).unwrap();
+    let a = Arc::new(LoraAdapter::load(dir.path(), d).unwrap());
+    let mix = Arc::new(CompiledMix::new(Plan::Selection, &[(a, 4.0)]).unwrap());
+    for case in oracle["cases"].as_array().unwrap() {
+        let ids = ids_of(case);
+        let got = last_with(d, &ids, &one_row(&mix));
+        let base = last_with(d, &ids, &NoDelta);
+        let top: Vec<usize> = case["top_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        let best = (0..got.len())
+            .max_by(|&x, &y| got[x].total_cmp(&got[y]))
+            .unwrap();
+        assert_eq!(best, top[0], "{}", case["text"]);
+        let mut moved = 0f32;
+        for (id, want) in top.iter().zip(case["top_logits"].as_array().unwrap()) {
+            let want = want.as_f64().unwrap() as f32;
+            assert!(
+                (got[*id] - want).abs() < 0.5,
+                "{} id {id}: {} vs {want}",
+                case["text"],
+                got[*id]
+            );
+            moved = moved.max((want - base[*id]).abs());
+        }
+        assert!(
+            moved > 2.0,
+            "the adapter barely changes the logits ({moved})"
+        );
+    }
+}
