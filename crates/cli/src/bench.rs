@@ -10,7 +10,7 @@ use ramole_core::adapter::{LoraAdapter, write_random_peft};
 use ramole_core::model::{
     Decoder, LoadOptions, LogitsAt, Model, NoDelta, Requantize, RowInput, SiteDelta,
 };
-use ramole_core::mole::{CompiledMix, MixDelta, Plan};
+use ramole_core::mole::{CompiledMix, MixDelta, Plan, Precision};
 use serde_json::json;
 
 use crate::BaseArgs;
@@ -219,41 +219,61 @@ fn lora_bench(b: LoraBench) -> Result<()> {
         ));
     }
     let adapter_mb = loaded.iter().map(|(a, _)| a.bytes()).sum::<usize>() as f64 / 1e6;
-    let mix = MixDelta {
-        rows: vec![Some(Arc::new(CompiledMix::new(Plan::Mixture, &loaded)?))],
+    let compile = |p: Precision| -> Result<MixDelta> {
+        let mix = CompiledMix::with_precision(Plan::Mixture, &loaded, p)?;
+        Ok(MixDelta {
+            rows: vec![Some(Arc::new(mix))],
+        })
     };
+    let (f32_mix, bf16_mix) = (compile(Precision::F32)?, compile(Precision::Bf16)?);
+    let reference = f32_mix.reference();
+    let variants: [(&str, &dyn SiteDelta); 4] = [
+        ("base (no adapter)", &NoDelta),
+        ("mixture, bf16 factors", &bf16_mix),
+        ("mixture, f32 factors", &f32_mix),
+        ("mixture, f32 via GEMM", &reference),
+    ];
     let prompt = synthetic_ids(32, d.config().vocab_size);
-    let (mut base, mut mixed) = (0f64, 0f64);
-    // Interleaved, best of N: both sides see the same machine conditions.
+    let mut best = [0f64; 4];
+    // Interleaved, best of N: every variant sees the same machine conditions.
     for rep in 0..=b.repeats {
-        let rb = decode_rate(d, &prompt, b.decode_tokens, &NoDelta)?;
-        let rm = decode_rate(d, &prompt, b.decode_tokens, &mix)?;
-        if rep > 0 {
-            base = base.max(rb);
-            mixed = mixed.max(rm);
+        for (i, (_, delta)) in variants.iter().enumerate() {
+            let r = decode_rate(d, &prompt, b.decode_tokens, *delta)?;
+            if rep > 0 {
+                best[i] = best[i].max(r);
+            }
         }
     }
-    let slowdown = 1.0 - mixed / base;
+    let rows: Vec<_> = variants
+        .iter()
+        .zip(best)
+        .map(|((name, _), r)| {
+            json!({"variant": name, "decode_tok_s": r, "slowdown": 1.0 - r / best[0]})
+        })
+        .collect();
     if b.json {
         println!(
             "{}",
             json!({"base": b.base.base, "adapters": b.adapters, "rank": b.rank, "adapter_dir": out,
-                   "adapter_mb_f32": adapter_mb, "base_decode_tok_s": base,
-                   "mixture_decode_tok_s": mixed, "slowdown": slowdown})
+                   "adapter_mb_f32": adapter_mb, "results": rows})
         );
     } else {
         println!(
-            "{} adapters of rank {} (all-linear, {:.1} MB f32) in {}",
+            "{} adapters of rank {} (all-linear, {:.1} MB in f32), gates 1/{}, in {}",
             b.adapters,
             b.rank,
             adapter_mb,
+            b.adapters,
             out.display()
         );
-        println!("base decode     {base:>8.1} tok/s");
-        println!(
-            "mixture decode  {mixed:>8.1} tok/s  ({:.1}% slower)",
-            slowdown * 100.0
-        );
+        for r in &rows {
+            println!(
+                "{:<24} {:>8.1} tok/s  {:>6.1}% slower",
+                r["variant"].as_str().unwrap_or(""),
+                r["decode_tok_s"].as_f64().unwrap_or(0.0),
+                r["slowdown"].as_f64().unwrap_or(0.0) * 100.0
+            );
+        }
     }
     Ok(())
 }

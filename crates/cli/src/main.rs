@@ -15,7 +15,7 @@ use ramole_core::model::{
     ChatMessage, GenerateParams, LoadOptions, LogitsAt, Model, Requantize, RowInput, Sampling,
     generate,
 };
-use ramole_core::mole::{CompiledMix, MixDelta, Plan};
+use ramole_core::mole::{CompiledMix, MixDelta, Plan, Precision};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -74,6 +74,10 @@ struct AdapterArgs {
     /// none | selection | mixture | fusion (default: mixture with adapters, none without).
     #[arg(long)]
     plan: Option<String>,
+    /// How the per-request mixture holds its factors: f32 (exact) or bf16 (half the bytes per
+    /// decode step; the math stays f32).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    lora_precision: String,
 }
 
 impl AdapterArgs {
@@ -100,7 +104,11 @@ impl AdapterArgs {
             }));
             loaded.push((Arc::new(adapter), gate));
         }
-        let mix = CompiledMix::new(plan, &loaded)?;
+        let precision = match self.lora_precision.as_str() {
+            "bf16" => Precision::Bf16,
+            _ => Precision::F32,
+        };
+        let mix = CompiledMix::with_precision(plan, &loaded, precision)?;
         if plan == Plan::None {
             listed.clear();
         }

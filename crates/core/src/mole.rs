@@ -109,10 +109,142 @@ pub fn softmax_gates(scores: &[f32], tau: f32) -> Result<Vec<f32>, MoleError> {
     Ok(e.iter().map(|v| v / sum).collect())
 }
 
-/// One low-rank pair, pre-transposed for `x A^T B^T`: `a_t` `[in, R]`, `b_t` `[R, out]`.
+/// How a compiled mixture holds its factors. The math always runs in f32; bf16 halves the bytes
+/// that every decode step streams (adapter bytes dominate LoRA's cost on a quantized base).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Exact: what the parity tests check.
+    #[default]
+    F32,
+    Bf16,
+}
+
+/// Factor values as stored.
+enum Values {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
+}
+
+impl Values {
+    fn new(v: Vec<f32>, p: Precision) -> Self {
+        match p {
+            Precision::F32 => Values::F32(v),
+            Precision::Bf16 => Values::Bf16(v.into_iter().map(half::bf16::from_f32).collect()),
+        }
+    }
+
+    fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Values::F32(v) => v.clone(),
+            Values::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+}
+
+trait Elem: Copy {
+    fn f32(self) -> f32;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for half::bf16 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// One low-rank pair, row-major: `a` `[rank, in]`, `b_t` `[rank, out]` (B transposed, gates and
+/// scales folded in), so both loops below read contiguous rows.
 struct SitePair {
-    a_t: Tensor,
-    b_t: Tensor,
+    rank: usize,
+    inp: usize,
+    out: usize,
+    a: Values,
+    b_t: Values,
+}
+
+/// Rows up to this many tokens take the direct loop (decode); longer ones the GEMM.
+const DIRECT_MAX_TOKENS: usize = 4;
+
+impl SitePair {
+    /// `x` `[n, in]` -> `[n, out]` through candle's GEMM (the reference, and prefill).
+    fn apply_gemm(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let a = Tensor::from_vec(self.a.to_f32(), (self.rank, self.inp), x.device())?;
+        let b_t = Tensor::from_vec(self.b_t.to_f32(), (self.rank, self.out), x.device())?;
+        x.matmul(&a.t()?)?.matmul(&b_t)
+    }
+
+    /// The same for a few tokens, as two plain loops: a decode step would otherwise pay two
+    /// GEMM dispatches per site, which cost more than the arithmetic at these sizes.
+    fn apply_direct(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        match (&self.a, &self.b_t) {
+            (Values::F32(a), Values::F32(b)) => self.direct_dispatch(a, b, x, n, y),
+            (Values::Bf16(a), Values::Bf16(b)) => self.direct_dispatch(a, b, x, n, y),
+            _ => unreachable!("both factors share one precision"),
+        }
+    }
+
+    /// Runs the loops compiled for AVX2+FMA when the CPU has them (the portable build targets
+    /// SSE2 only, which halves the vector width and has no FMA).
+    fn direct_dispatch<T: Elem>(&self, a: &[T], b_t: &[T], x: &[f32], n: usize, y: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the features were detected at run time.
+            unsafe { self.direct_avx2(a, b_t, x, n, y) };
+            return;
+        }
+        self.direct(a, b_t, x, n, y)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn direct_avx2<T: Elem>(&self, a: &[T], b_t: &[T], x: &[f32], n: usize, y: &mut [f32]) {
+        self.direct(a, b_t, x, n, y)
+    }
+
+    #[inline(always)]
+    fn direct<T: Elem>(&self, a: &[T], b_t: &[T], x: &[f32], n: usize, y: &mut [f32]) {
+        let mut t = vec![0f32; self.rank];
+        for i in 0..n {
+            let xi = &x[i * self.inp..(i + 1) * self.inp];
+            for (r, tr) in t.iter_mut().enumerate() {
+                *tr = dot(&a[r * self.inp..(r + 1) * self.inp], xi);
+            }
+            let yi = &mut y[i * self.out..(i + 1) * self.out];
+            for (r, &tr) in t.iter().enumerate() {
+                let row = &b_t[r * self.out..(r + 1) * self.out];
+                for (yo, &b) in yi.iter_mut().zip(row) {
+                    *yo += tr * b.f32();
+                }
+            }
+        }
+    }
+}
+
+/// Dot product with 8 independent partial sums, which LLVM vectorises.
+#[inline(always)]
+fn dot<T: Elem>(a: &[T], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x.f32() * y)
+        .sum();
+    for (xa, xb) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += xa[k].f32() * xb[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// A row's plan compiled into one low-rank pair per site.
@@ -122,8 +254,18 @@ pub struct CompiledMix {
 }
 
 impl CompiledMix {
-    /// Compiles `adapters` with their gates under `plan`. Adapters with gate 0 drop out.
+    /// Compiles `adapters` with their gates under `plan`, exact (f32). Adapters with gate 0 drop
+    /// out.
     pub fn new(plan: Plan, adapters: &[(Arc<LoraAdapter>, f32)]) -> Result<Self, MoleError> {
+        Self::with_precision(plan, adapters, Precision::F32)
+    }
+
+    /// The same, holding the compiled factors in `precision`.
+    pub fn with_precision(
+        plan: Plan,
+        adapters: &[(Arc<LoraAdapter>, f32)],
+        precision: Precision,
+    ) -> Result<Self, MoleError> {
         let gates: Vec<f32> = adapters.iter().map(|(_, g)| *g).collect();
         check_gates(&gates)?;
         match plan {
@@ -184,11 +326,16 @@ impl CompiledMix {
                     (Tensor::cat(&a, 0)?, Tensor::cat(&b, 1)?)
                 }
             };
+            let (rank, inp) = a.dims2()?;
+            let out = b.dim(0)?;
             sites.insert(
                 site,
                 SitePair {
-                    a_t: a.t()?.contiguous()?,
-                    b_t: b.t()?.contiguous()?,
+                    rank,
+                    inp,
+                    out,
+                    a: Values::new(a.flatten_all()?.to_vec1()?, precision),
+                    b_t: Values::new(b.t()?.flatten_all()?.to_vec1()?, precision),
                 },
             );
         }
@@ -209,12 +356,15 @@ pub struct MixDelta {
     pub rows: Vec<Option<Arc<CompiledMix>>>,
 }
 
-impl SiteDelta for MixDelta {
-    fn delta(
+impl MixDelta {
+    /// The delta of `site`, with `direct` choosing the loop for short rows (the fast path) or
+    /// the GEMM for every row (its reference).
+    fn delta_with(
         &self,
         site: Site,
         x: &Tensor,
         rows: &[RowSpan],
+        direct: bool,
     ) -> candle_core::Result<Option<Tensor>> {
         let pair = |i: usize| {
             self.rows
@@ -222,17 +372,20 @@ impl SiteDelta for MixDelta {
                 .and_then(|m| m.as_ref())
                 .and_then(|m| m.sites.get(&site))
         };
-        let Some(out) = (0..rows.len()).find_map(pair).map(|p| p.b_t.dim(1)) else {
+        let Some(out) = (0..rows.len()).find_map(pair).map(|p| p.out) else {
             return Ok(None);
         };
-        let out = out?;
         let mut parts = Vec::with_capacity(rows.len());
         for (i, span) in rows.iter().enumerate() {
+            let xr = x.narrow(0, span.start, span.len)?;
             match pair(i) {
-                Some(p) => {
-                    let xr = x.narrow(0, span.start, span.len)?;
-                    parts.push(xr.matmul(&p.a_t)?.matmul(&p.b_t)?);
+                Some(p) if direct && span.len <= DIRECT_MAX_TOKENS => {
+                    let xs: Vec<f32> = xr.flatten_all()?.to_vec1()?;
+                    let mut y = vec![0f32; span.len * out];
+                    p.apply_direct(&xs, span.len, &mut y);
+                    parts.push(Tensor::from_vec(y, (span.len, out), x.device())?);
                 }
+                Some(p) => parts.push(p.apply_gemm(&xr)?),
                 None => parts.push(Tensor::zeros((span.len, out), x.dtype(), x.device())?),
             }
         }
@@ -240,6 +393,36 @@ impl SiteDelta for MixDelta {
             return Ok(parts.pop());
         }
         Tensor::cat(&parts, 0).map(Some)
+    }
+
+    /// Every row through the GEMM: the slow reference of the direct decode loop.
+    pub fn reference(&self) -> MixReference<'_> {
+        MixReference(self)
+    }
+}
+
+impl SiteDelta for MixDelta {
+    fn delta(
+        &self,
+        site: Site,
+        x: &Tensor,
+        rows: &[RowSpan],
+    ) -> candle_core::Result<Option<Tensor>> {
+        self.delta_with(site, x, rows, true)
+    }
+}
+
+/// [`MixDelta`] computed with the GEMM for every row.
+pub struct MixReference<'a>(&'a MixDelta);
+
+impl SiteDelta for MixReference<'_> {
+    fn delta(
+        &self,
+        site: Site,
+        x: &Tensor,
+        rows: &[RowSpan],
+    ) -> candle_core::Result<Option<Tensor>> {
+        self.0.delta_with(site, x, rows, false)
     }
 }
 

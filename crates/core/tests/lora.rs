@@ -11,7 +11,7 @@ use candle_core::quantized::GgmlDType;
 use common::*;
 use ramole_core::adapter::{AdapterError, LoraAdapter};
 use ramole_core::model::{Decoder, LogitsAt, NoDelta, RowInput, SiteDelta};
-use ramole_core::mole::{CompiledMix, MixDelta, Plan};
+use ramole_core::mole::{CompiledMix, MixDelta, Plan, Precision};
 use serde_json::Value;
 
 fn lora_dir(name: &str) -> std::path::PathBuf {
@@ -404,4 +404,60 @@ fn a_random_adapter_on_smollm2_agrees_with_llama_cpp() {
             "the adapter barely changes the logits ({moved})"
         );
     }
+}
+
+#[test]
+fn decode_loop_equals_the_gemm_reference_and_bf16_stays_close() {
+    let model = load(&fixture("tiny-llama"));
+    let d = &model.decoder;
+    let parts: Vec<_> = [
+        ("all-linear-r4", 0.5f32),
+        ("rslora-r8", 0.3),
+        ("qv-r4", 0.2),
+    ]
+    .iter()
+    .map(|(n, g)| (adapter(d, n), *g))
+    .collect();
+    let exact = MixDelta {
+        rows: vec![Some(Arc::new(
+            CompiledMix::new(Plan::Mixture, &parts).unwrap(),
+        ))],
+    };
+    let compact = MixDelta {
+        rows: vec![Some(Arc::new(
+            CompiledMix::with_precision(Plan::Mixture, &parts, Precision::Bf16).unwrap(),
+        ))],
+    };
+    let reference = exact.reference();
+    let ids = ids_of(&expected("tiny-llama")[0]);
+    let (mut c1, mut c2, mut c3, mut c4) =
+        (d.new_cache(), d.new_cache(), d.new_cache(), d.new_cache());
+    let step = |cache: &mut ramole_core::model::SeqCache, t: u32, delta: &dyn SiteDelta| {
+        d.forward(
+            &[RowInput { tokens: &[t] }],
+            &mut [cache],
+            LogitsAt::Last,
+            delta,
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+    };
+    for &t in &ids {
+        let fast = step(&mut c1, t, &exact);
+        let slow = step(&mut c2, t, &reference);
+        let bf16 = step(&mut c3, t, &compact);
+        let base = step(&mut c4, t, &NoDelta);
+        assert!(max_abs_diff(&fast, &slow) < 1e-4);
+        let effect = max_abs_diff(&fast, &base);
+        let err = max_abs_diff(&bf16, &fast);
+        assert!(
+            err < 0.05 * effect,
+            "bf16 error {err} against an effect of {effect}"
+        );
+    }
+    // The full prefill of the same rows takes the GEMM path and agrees with the oracle.
+    assert!(max_abs_diff(&last_with(d, &ids, &exact), &want("mixture", 0)) < 1e-4);
 }
