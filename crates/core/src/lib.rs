@@ -3,5 +3,6 @@
 
 pub mod adapter;
 pub mod config;
+pub mod embed;
 pub mod model;
 pub mod mole;

@@ -1,0 +1,311 @@
+//! Sentence embeddings: a BERT-family encoder (all-MiniLM-L6-v2 in tests) written on candle ops,
+//! mean pooling over the real tokens, L2 normalisation. Batched (padded, with an attention mask)
+//! and deterministic. Texts are truncated at 256 tokens (never beyond the model's positions);
+//! the tokenizer file's own fixed padding and truncation are replaced.
+
+use std::path::Path;
+
+use candle_core::{D, DType, Device, Tensor};
+use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
+
+use crate::model::{ModelError, WeightStore};
+
+/// Tokens kept per text: reproduces the paper's retrieval figures with MiniLM.
+pub const MAX_TOKENS: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{}: {message}", file.display())]
+    Config {
+        file: std::path::PathBuf,
+        message: String,
+    },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+impl From<candle_core::Error> for EmbedError {
+    fn from(e: candle_core::Error) -> Self {
+        EmbedError::Model(ModelError::from(e))
+    }
+}
+
+type Result<T, E = EmbedError> = std::result::Result<T, E>;
+
+#[derive(serde::Deserialize)]
+struct BertConfig {
+    model_type: Option<String>,
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    intermediate_size: usize,
+    max_position_embeddings: usize,
+    vocab_size: usize,
+    #[serde(default = "default_eps")]
+    layer_norm_eps: f64,
+    #[serde(default = "default_types")]
+    type_vocab_size: usize,
+    hidden_act: Option<String>,
+}
+
+fn default_eps() -> f64 {
+    1e-12
+}
+
+fn default_types() -> usize {
+    2
+}
+
+struct Dense {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Dense {
+    /// `x` `[.., in]` -> `[.., out]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.broadcast_matmul(&self.w.t()?)?.broadcast_add(&self.b)
+    }
+}
+
+struct Norm {
+    w: Tensor,
+    b: Tensor,
+    eps: f32,
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::layer_norm(&x.contiguous()?, &self.w, &self.b, self.eps)
+    }
+}
+
+struct Layer {
+    q: Dense,
+    k: Dense,
+    v: Dense,
+    attn_out: Dense,
+    attn_norm: Norm,
+    ffn_in: Dense,
+    ffn_out: Dense,
+    ffn_norm: Norm,
+}
+
+pub struct Embedder {
+    id: String,
+    tokenizer: Tokenizer,
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    embed_norm: Norm,
+    layers: Vec<Layer>,
+    heads: usize,
+    dims: usize,
+    device: Device,
+}
+
+impl Embedder {
+    /// Loads a sentence-transformers folder (config.json, model.safetensors, tokenizer.json).
+    pub fn load(dir: &Path) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| EmbedError::Config {
+            file: cfg_path.clone(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let cfg: BertConfig = serde_json::from_str(&text).map_err(|e| EmbedError::Config {
+            file: cfg_path.clone(),
+            message: format!("not a valid BERT config.json: {e}"),
+        })?;
+        let bad = |message: String| EmbedError::Config {
+            file: cfg_path.clone(),
+            message,
+        };
+        if let Some(t) = cfg.model_type.as_deref().filter(|t| *t != "bert") {
+            return Err(bad(format!(
+                "model_type = {t:?}: only bert encoders are supported"
+            )));
+        }
+        if let Some(a) = cfg.hidden_act.as_deref().filter(|a| *a != "gelu") {
+            return Err(bad(format!("hidden_act = {a:?}: only gelu is supported")));
+        }
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
+            return Err(bad(format!(
+                "hidden_size = {} is not divisible by num_attention_heads = {}",
+                cfg.hidden_size, cfg.num_attention_heads
+            )));
+        }
+        let device = Device::Cpu;
+        let st = WeightStore::open_safetensors_dir(dir)?;
+        let (h, ff) = (cfg.hidden_size, cfg.intermediate_size);
+        let dense = |name: &str, out: usize, inp: usize| -> Result<Dense> {
+            Ok(Dense {
+                w: st.dense(&format!("{name}.weight"), &[out, inp], &device)?,
+                b: st.dense(&format!("{name}.bias"), &[out], &device)?,
+            })
+        };
+        let norm = |name: &str| -> Result<Norm> {
+            Ok(Norm {
+                w: st.dense(&format!("{name}.weight"), &[h], &device)?,
+                b: st.dense(&format!("{name}.bias"), &[h], &device)?,
+                eps: cfg.layer_norm_eps as f32,
+            })
+        };
+        // Some exports prefix every tensor with `bert.`.
+        let p = if st.contains("bert.embeddings.word_embeddings.weight") {
+            "bert."
+        } else {
+            ""
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = format!("{p}encoder.layer.{i}");
+            layers.push(Layer {
+                q: dense(&format!("{l}.attention.self.query"), h, h)?,
+                k: dense(&format!("{l}.attention.self.key"), h, h)?,
+                v: dense(&format!("{l}.attention.self.value"), h, h)?,
+                attn_out: dense(&format!("{l}.attention.output.dense"), h, h)?,
+                attn_norm: norm(&format!("{l}.attention.output.LayerNorm"))?,
+                ffn_in: dense(&format!("{l}.intermediate.dense"), ff, h)?,
+                ffn_out: dense(&format!("{l}.output.dense"), h, ff)?,
+                ffn_norm: norm(&format!("{l}.output.LayerNorm"))?,
+            });
+        }
+        let max_tokens = MAX_TOKENS.min(cfg.max_position_embeddings);
+        let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
+            EmbedError::Tokenizer(format!("{}: {e}", dir.join("tokenizer.json").display()))
+        })?;
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_tokens,
+                ..Default::default()
+            }))
+            .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
+        tokenizer.with_padding(None::<PaddingParams>);
+        let id = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "embedder".into());
+        Ok(Self {
+            id: format!("{id}:{h}"),
+            tokenizer,
+            word: st.dense(
+                &format!("{p}embeddings.word_embeddings.weight"),
+                &[cfg.vocab_size, h],
+                &device,
+            )?,
+            position: st.dense(
+                &format!("{p}embeddings.position_embeddings.weight"),
+                &[cfg.max_position_embeddings, h],
+                &device,
+            )?,
+            token_type: st.dense(
+                &format!("{p}embeddings.token_type_embeddings.weight"),
+                &[cfg.type_vocab_size, h],
+                &device,
+            )?,
+            embed_norm: norm(&format!("{p}embeddings.LayerNorm"))?,
+            layers,
+            heads: cfg.num_attention_heads,
+            dims: h,
+            device,
+        })
+    }
+
+    /// Identifies the model and its dimension (stored with every embedding).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn dims(&self) -> usize {
+        self.dims
+    }
+
+    /// Token ids of `text` as the encoder sees them ([CLS] .. [SEP], at most 256).
+    pub fn tokens(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// L2-normalised embeddings of `texts`, one `dims`-vector each, in order. Texts are run in
+    /// batches of similar length.
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let ids: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| self.tokens(t))
+            .collect::<Result<_>>()?;
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| ids[i].len());
+        let mut out = vec![Vec::new(); ids.len()];
+        for chunk in order.chunks(16) {
+            let batch: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
+            for (&i, v) in chunk.iter().zip(self.embed_ids(&batch)?) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Encodes a batch of token sequences: padded to the longest, masked, mean-pooled.
+    fn embed_ids(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        let b = batch.len();
+        let t = batch.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
+        let mut flat = vec![0u32; b * t];
+        let mut mask = vec![0f32; b * t];
+        for (r, s) in batch.iter().enumerate() {
+            flat[r * t..r * t + s.len()].copy_from_slice(s);
+            mask[r * t..r * t + s.len()]
+                .iter_mut()
+                .for_each(|m| *m = 1.0);
+        }
+        let ids = Tensor::from_vec(flat, b * t, &self.device)?;
+        let mask = Tensor::from_vec(mask, (b, t), &self.device)?;
+        let x = self
+            .word
+            .index_select(&ids, 0)?
+            .reshape((b, t, self.dims))?;
+        let x = x
+            .broadcast_add(&self.position.narrow(0, 0, t)?)?
+            .broadcast_add(&self.token_type.narrow(0, 0, 1)?)?;
+        let mut x = self.embed_norm.forward(&x)?;
+        // Padded keys get a large negative bias (not -inf: an all-pad row must stay finite).
+        let bias = ((mask.clone() - 1.0)? * 1e9)?.reshape((b, 1, 1, t))?;
+        let hd = self.dims / self.heads;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for l in &self.layers {
+            let split = |y: Tensor| -> candle_core::Result<Tensor> {
+                y.reshape((b, t, self.heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let q = split(l.q.forward(&x)?)?;
+            let k = split(l.k.forward(&x)?)?;
+            let v = split(l.v.forward(&x)?)?;
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let a = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, t, self.dims))?;
+            x = l.attn_norm.forward(&(l.attn_out.forward(&a)? + &x)?)?;
+            let f = l.ffn_out.forward(&l.ffn_in.forward(&x)?.gelu_erf()?)?;
+            x = l.ffn_norm.forward(&(f + &x)?)?;
+        }
+        let m = mask.unsqueeze(2)?; // [b, t, 1]
+        let summed = x.broadcast_mul(&m)?.sum(1)?; // [b, h]
+        let counts = m.sum(1)?.clamp(1.0, f64::MAX)?; // [b, 1]
+        let mean = summed.broadcast_div(&counts)?;
+        let norm = mean
+            .sqr()?
+            .sum_keepdim(D::Minus1)?
+            .sqrt()?
+            .clamp(1e-12, f64::MAX)?;
+        let unit = mean.broadcast_div(&norm)?.to_dtype(DType::F32)?;
+        Ok(unit.to_vec2()?)
+    }
+}

@@ -1,0 +1,88 @@
+//! The sentence encoder against a numpy float64 BERT (scripts/make-embed-oracle.py) on the real
+//! all-MiniLM-L6-v2, and its own batching.
+
+use ramole_core::embed::Embedder;
+use serde_json::Value;
+
+fn minilm() -> Embedder {
+    let dir = ramole_core::config::minilm_dir();
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "test model missing: {} — run scripts/fetch-test-models.sh",
+        dir.display()
+    );
+    Embedder::load(&dir).unwrap()
+}
+
+fn oracle() -> Vec<Value> {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/minilm-embeddings.json");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    v["cases"].as_array().unwrap().clone()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[test]
+fn minilm_embeddings_match_the_numpy_reference_batched_or_alone() {
+    let e = minilm();
+    assert_eq!(e.dims(), 384);
+    let cases = oracle();
+    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    // One batch with texts of 13..256 tokens (padding and masks), then each alone.
+    let batched = e.embed(&texts).unwrap();
+    for (case, got) in cases.iter().zip(&batched) {
+        let text = case["text"].as_str().unwrap();
+        let ids: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(e.tokens(text).unwrap(), ids, "tokens of {text:?}");
+        let want: Vec<f32> = case["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-5, "{text:?}: max |diff| {diff}");
+        let norm: f32 = got.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5);
+        let alone = e.embed(&[text]).unwrap().remove(0);
+        assert!(cosine(&alone, got) > 0.999_999, "batching changed {text:?}");
+    }
+    // The 400-word text is cut at 256 tokens.
+    assert_eq!(e.tokens(texts[4]).unwrap().len(), 256);
+    // Same meaning, closer than a different task.
+    assert!(cosine(&batched[1], &batched[2]) > cosine(&batched[1], &batched[3]) + 0.2);
+    // Deterministic.
+    assert_eq!(e.embed(&texts).unwrap(), batched);
+}
+
+#[test]
+fn a_bad_encoder_folder_is_refused_with_the_file_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), "{\"model_type\": \"bert\"").unwrap();
+    let e = Embedder::load(dir.path()).err().unwrap().to_string();
+    assert!(
+        e.contains("config.json") && e.contains("not a valid BERT config.json"),
+        "{e}"
+    );
+    let cfg =
+        std::fs::read_to_string(ramole_core::config::minilm_dir().join("config.json")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        cfg.replace("\"bert\"", "\"roberta\""),
+    )
+    .unwrap();
+    let e = Embedder::load(dir.path()).err().unwrap().to_string();
+    assert!(e.contains("model_type = \"roberta\""), "{e}");
+}
