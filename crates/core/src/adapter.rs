@@ -333,15 +333,12 @@ fn parse_key(key: &str) -> std::result::Result<(usize, SiteKind, bool), String> 
         return Err("not a lora_A / lora_B weight; only LoRA factors are supported".into());
     };
     let parts: Vec<&str> = module.split('.').collect();
-    // model.layers.<i>.<self_attn|mlp>.<proj>
+    // model.layers.<i>.<self_attn|mlp>.<proj>: accepted when it is exactly a site's path.
     let parsed = match parts.as_slice() {
-        ["model", "layers", i, block, proj] => i.parse::<usize>().ok().and_then(|i| {
+        ["model", "layers", i, _, proj] => i.parse::<usize>().ok().and_then(|layer| {
             let kind = SiteKind::ALL.into_iter().find(|k| k.hf_name() == *proj)?;
-            let want = match kind {
-                SiteKind::Q | SiteKind::K | SiteKind::V | SiteKind::O => "self_attn",
-                _ => "mlp",
-            };
-            (*block == want).then_some((i, kind))
+            let site = Site { layer, kind };
+            (site.hf_path() == module).then_some((layer, kind))
         }),
         _ => None,
     };
@@ -395,19 +392,7 @@ fn fit_tensors(
             }
             (None, None) => unreachable!("an entry exists only with a key"),
         };
-        let path = format!(
-            "model.layers.{}.{}.{}",
-            site.layer,
-            if matches!(
-                site.kind,
-                SiteKind::Q | SiteKind::K | SiteKind::V | SiteKind::O
-            ) {
-                "self_attn"
-            } else {
-                "mlp"
-            },
-            site.kind.hf_name()
-        );
+        let path = site.hf_path();
         let (rank, scale) = config.rank_and_scale(&path);
         let (out_f, in_f) = linears[&site];
         let a = read_f32(st, &a_key, file)?;
@@ -506,15 +491,7 @@ pub fn write_random_peft(
     let mut tensors = std::collections::HashMap::new();
     for l in base.sites() {
         let site = l.site().expect("decoder sites carry a Site");
-        let block = match site.kind {
-            SiteKind::Q | SiteKind::K | SiteKind::V | SiteKind::O => "self_attn",
-            _ => "mlp",
-        };
-        let path = format!(
-            "base_model.model.model.layers.{}.{block}.{}",
-            site.layer,
-            site.kind.hf_name()
-        );
+        let path = format!("base_model.model.{}", site.hf_path());
         let (out_f, in_f) = (l.out_features(), l.in_features());
         let a_scale = 1.0 / (in_f as f32).sqrt();
         let b_scale = 0.3 / (rank as f32).sqrt();

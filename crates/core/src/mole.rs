@@ -13,7 +13,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use crate::adapter::LoraAdapter;
 use crate::model::{RowSpan, Site, SiteDelta};
@@ -133,10 +133,13 @@ impl Values {
         }
     }
 
-    fn to_f32(&self) -> Vec<f32> {
+    /// As an f32 tensor of `shape` (one copy).
+    fn tensor(&self, shape: (usize, usize), device: &Device) -> candle_core::Result<Tensor> {
         match self {
-            Values::F32(v) => v.clone(),
-            Values::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Values::F32(v) => Tensor::from_slice(v, shape, device),
+            Values::Bf16(v) => {
+                Tensor::from_vec(v.iter().map(|x| x.to_f32()).collect(), shape, device)
+            }
         }
     }
 }
@@ -175,8 +178,8 @@ const DIRECT_MAX_TOKENS: usize = 4;
 impl SitePair {
     /// `x` `[n, in]` -> `[n, out]` through candle's GEMM (the reference, and prefill).
     fn apply_gemm(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let a = Tensor::from_vec(self.a.to_f32(), (self.rank, self.inp), x.device())?;
-        let b_t = Tensor::from_vec(self.b_t.to_f32(), (self.rank, self.out), x.device())?;
+        let a = self.a.tensor((self.rank, self.inp), x.device())?;
+        let b_t = self.b_t.tensor((self.rank, self.out), x.device())?;
         x.matmul(&a.t()?)?.matmul(&b_t)
     }
 

@@ -41,6 +41,7 @@ pub enum Requantize {
     SlowTypes,
 }
 
+#[derive(Clone)]
 enum Embedding {
     Dense(Tensor),
     Quantized(Arc<QTensor>),
@@ -111,13 +112,7 @@ impl Naming {
     /// Name without the `.weight` / `.bias` suffix.
     fn linear(self, i: usize, kind: SiteKind) -> String {
         match self {
-            Naming::HuggingFace => {
-                let block = match kind {
-                    SiteKind::Q | SiteKind::K | SiteKind::V | SiteKind::O => "self_attn",
-                    _ => "mlp",
-                };
-                format!("model.layers.{i}.{block}.{}", kind.hf_name())
-            }
+            Naming::HuggingFace => Site { layer: i, kind }.hf_path(),
             Naming::Gguf => {
                 let n = match kind {
                     SiteKind::Q => "attn_q",
@@ -354,13 +349,9 @@ impl Decoder {
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let embed = match &self.embed {
-            Embedding::Dense(t) => Embedding::Dense(t.clone()),
-            Embedding::Quantized(q) => Embedding::Quantized(q.clone()),
-        };
         Ok(Self {
             cfg: self.cfg.clone(),
-            embed,
+            embed: self.embed.clone(),
             layers,
             norm: self.norm.clone(),
             lm_head: self.lm_head.clone(),

@@ -51,6 +51,22 @@ pub struct Site {
     pub kind: SiteKind,
 }
 
+impl Site {
+    /// The module path in Hugging Face / PEFT checkpoints, e.g.
+    /// `model.layers.3.self_attn.q_proj` (weights add `.weight`, PEFT factors `.lora_A.weight`).
+    pub fn hf_path(self) -> String {
+        let block = match self.kind {
+            SiteKind::Q | SiteKind::K | SiteKind::V | SiteKind::O => "self_attn",
+            SiteKind::Gate | SiteKind::Up | SiteKind::Down => "mlp",
+        };
+        format!(
+            "model.layers.{}.{block}.{}",
+            self.layer,
+            self.kind.hf_name()
+        )
+    }
+}
+
 /// The tokens of one batch row inside the packed `[n_tokens, features]` activations:
 /// rows `start .. start + len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
