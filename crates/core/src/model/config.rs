@@ -81,6 +81,21 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// `(out_features, in_features)` of a linear of kind `kind`.
+    pub fn linear_shape(&self, kind: super::SiteKind) -> (usize, usize) {
+        use super::SiteKind::*;
+        let q = self.num_heads * self.head_dim;
+        let kv = self.num_kv_heads * self.head_dim;
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        match kind {
+            Q => (q, h),
+            K | V => (kv, h),
+            O => (h, q),
+            Gate | Up => (i, h),
+            Down => (h, i),
+        }
+    }
+
     /// Inverse frequencies of the rotary embedding, one per pair of head dimensions, with the
     /// configured scaling applied.
     pub fn rope_inv_freq(&self) -> Vec<f64> {

@@ -112,6 +112,86 @@ impl Model {
     }
 }
 
+/// What the catalog needs to know about a base model without loading its weights: its identity
+/// (a Hub id where the metadata names one) and the configuration that fixes every linear's shape.
+#[derive(Debug, Clone)]
+pub struct BaseInfo {
+    pub id: String,
+    pub config: ModelConfig,
+    pub source: PathBuf,
+}
+
+/// Reads a base model's configuration and identity (config.json, or GGUF metadata) without its
+/// weights. The identity is `_name_or_path` of config.json when it looks like a Hub id, else
+/// the GGUF's `general.source.huggingface.repository` / base-model URL / `organization/name`,
+/// else the folder or file name.
+pub fn inspect_base(path: &Path) -> Result<BaseInfo> {
+    let stem = || {
+        path.file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_else(|| path.display().to_string())
+    };
+    if path.is_dir() {
+        let cfg_path = path.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|source| ModelError::Io {
+            file: cfg_path.clone(),
+            source,
+        })?;
+        let config = ModelConfig::from_hf_json(&text, &cfg_path)?;
+        let named = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("_name_or_path")?.as_str().map(str::to_string))
+            .filter(|n| looks_like_hub_id(n));
+        return Ok(BaseInfo {
+            id: named.unwrap_or_else(stem),
+            config,
+            source: path.to_path_buf(),
+        });
+    }
+    if !path.is_file() {
+        return Err(ModelError::Io {
+            file: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+        });
+    }
+    let store = WeightStore::open_gguf(path)?;
+    let meta = store.gguf_metadata().expect("a GGUF store has metadata");
+    let config = gguf_config(meta, &store, path, &Device::Cpu)?;
+    let text = |k: &str| {
+        meta.get(k)
+            .and_then(|v| v.to_string().ok().cloned())
+            .filter(|s| !s.trim().is_empty())
+    };
+    let from_url = |k: &str| {
+        text(k).and_then(|u| {
+            let id = u.trim_end_matches('/').rsplitn(3, '/').collect::<Vec<_>>();
+            (id.len() == 3).then(|| format!("{}/{}", id[1], id[0]))
+        })
+    };
+    let id = text("general.source.huggingface.repository")
+        .filter(|n| looks_like_hub_id(n))
+        .or_else(|| from_url("general.source.url").filter(|u| u.contains('/')))
+        .or_else(
+            || match (text("general.organization"), text("general.name")) {
+                (Some(org), Some(name)) => Some(format!("{org}/{}", name.replace(' ', "-"))),
+                (None, Some(name)) => Some(name.replace(' ', "-")),
+                _ => None,
+            },
+        )
+        .unwrap_or_else(stem);
+    Ok(BaseInfo {
+        id,
+        config,
+        source: path.to_path_buf(),
+    })
+}
+
+/// `owner/name` with no path separators beyond the one slash.
+fn looks_like_hub_id(s: &str) -> bool {
+    let mut parts = s.split('/');
+    matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() && !a.starts_with('.'))
+}
+
 /// `chat_template` of `tokenizer_config.json`: a string, or a list of named templates of which
 /// `default` is used.
 fn hf_chat_template(path: &Path) -> Result<Option<String>> {

@@ -1,0 +1,592 @@
+//! The adapter library, retrieval and chat through the `ramole` binary with all state under a
+//! temporary `$RAMOLE_HOME`: real SQLite, real usearch, the real MiniLM and SmolLM2.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use ramole_core::model::{LoadOptions, Model};
+use serde_json::{Value, json};
+
+struct Home {
+    dir: tempfile::TempDir,
+}
+
+impl Home {
+    /// A fresh data dir, initialised with SmolLM2 and MiniLM.
+    fn init() -> Self {
+        let home = Self {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let g = ramole_core::config::smollm2_gguf();
+        let m = ramole_core::config::minilm_dir();
+        assert!(
+            g.exists() && m.exists(),
+            "test models missing — run scripts/fetch-test-models.sh"
+        );
+        let v = home.json(&[
+            "init",
+            "--base",
+            g.to_str().unwrap(),
+            "--embedder",
+            m.to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(
+            v["base"]["id"].as_str().unwrap().contains("HuggingFaceTB"),
+            "{v}"
+        );
+        assert_eq!(v["embedder"]["dims"], 384);
+        home
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ramole"));
+        c.args(args)
+            .env("RAMOLE_HOME", self.path())
+            .env_remove("RAMOLE_FAIL_POINT");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run ramole")
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "ramole {args:?}: exit {:?}, stderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"))
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "ramole {args:?} should fail");
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.json(&["adapter", "list", "--json"])["adapters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn retrieved(&self, text: &str, extra: &[&str]) -> Vec<(String, f64, f64)> {
+        let mut args = vec!["retrieve", "--text", text, "--json"];
+        args.extend_from_slice(extra);
+        self.json(&args)["adapters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a["id"].as_str().unwrap().to_string(),
+                    a["score"].as_f64().unwrap(),
+                    a["gate"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Seeded random rank-4 all-linear adapters for SmolLM2 with a samples file each.
+struct Adapters {
+    dir: tempfile::TempDir,
+}
+
+const FRENCH: &[&str] = &[
+    "Translate to French: The weather is nice today.",
+    "Translate the following sentence into French: I would like a coffee, please.",
+    "How do you say 'where is the train station' in French?",
+    "Translate to French: My brother lives in a small village.",
+];
+const SENTIMENT: &[&str] = &[
+    "Review: the film was a complete waste of time. Is this review positive or negative?",
+    "What is the sentiment of this tweet: I love sunny mornings!",
+    "Is the following movie review positive or negative? A moving, beautifully acted story.",
+    "Classify the sentiment: the food was cold and the waiter was rude.",
+];
+const MATH: &[&str] = &[
+    "Solve for x: 3x + 5 = 20.",
+    "What is 17 times 23?",
+    "A train travels 60 km in 45 minutes. What is its average speed in km/h?",
+    "Compute the derivative of x^3 + 2x.",
+];
+
+impl Adapters {
+    fn make() -> Self {
+        let a = Self {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let model = Model::load(
+            &ramole_core::config::smollm2_gguf(),
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        for (i, (name, samples)) in [("french", FRENCH), ("sentiment", SENTIMENT), ("math", MATH)]
+            .into_iter()
+            .enumerate()
+        {
+            let d = a.dir.path().join(name);
+            ramole_core::adapter::write_random_peft(&d, &model.decoder, 4, 8.0, 100 + i as u64)
+                .unwrap();
+            let lines: String = samples
+                .iter()
+                .map(|s| format!("{}\n", json!({"input": s, "target": "x"})))
+                .collect();
+            std::fs::write(a.samples(name), lines).unwrap();
+        }
+        a
+    }
+
+    fn dir(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    fn samples(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.jsonl"))
+    }
+
+    fn add(&self, home: &Home, name: &str) -> Value {
+        home.json(&[
+            "adapter",
+            "add",
+            &self.dir(name),
+            "--samples",
+            self.samples(name).to_str().unwrap(),
+            "--json",
+        ])
+    }
+}
+
+#[test]
+fn adapters_are_added_listed_shown_toggled_removed_and_retrieved() {
+    let home = Home::init();
+    let ad = Adapters::make();
+    let fr = ad.add(&home, "french");
+    assert_eq!(fr["id"], "french");
+    assert_eq!(fr["verdict"]["compat"], "compatible");
+    assert_eq!(fr["ranks"], json!([4]));
+    assert_eq!(fr["target_modules"].as_array().unwrap().len(), 7);
+    assert_eq!(fr["sample_count"], 4);
+    assert_eq!(fr["source"]["kind"], "local");
+    assert!(
+        Path::new(fr["path"].as_str().unwrap())
+            .join("adapter_model.safetensors")
+            .exists()
+    );
+    ad.add(&home, "sentiment");
+    // No samples file: a probe from the name stands in, recorded as such.
+    let m = home.json(&[
+        "adapter",
+        "add",
+        &ad.dir("math"),
+        "--name",
+        "Math Solver",
+        "--json",
+    ]);
+    assert_eq!(m["id"], "math-solver");
+    let shown = home.json(&["adapter", "show", "math-solver", "--json"]);
+    assert_eq!(shown["samples"][0]["origin"], "probe");
+    let shown = home.json(&["adapter", "show", "french", "--json"]);
+    assert_eq!(shown["samples"][1]["text"], FRENCH[1]);
+    assert_eq!(shown["samples"][1]["origin"], "samples");
+    assert_eq!(home.ids(), ["french", "sentiment", "math-solver"]);
+
+    // Retrieval picks by meaning; gates are uniform and sum to 1.
+    let hits = home.retrieved(
+        "Translate into French: the cat sleeps on the sofa.",
+        &["-k", "2"],
+    );
+    assert_eq!(hits[0].0, "french", "{hits:?}");
+    assert_eq!(hits.len(), 2);
+    assert!(hits[0].1 > hits[1].1);
+    assert!(hits.iter().all(|h| (h.2 - 0.5).abs() < 1e-6));
+    let hits = home.retrieved(
+        "Was this restaurant review positive? Terrible service.",
+        &["-k", "1"],
+    );
+    assert_eq!(hits[0].0, "sentiment");
+    // Softmax gates follow the scores.
+    let hits = home.retrieved(
+        "Translate to French: good night",
+        &["-k", "3", "--gating", "softmax:0.05"],
+    );
+    let sum: f64 = hits.iter().map(|h| h.2).sum();
+    assert!((sum - 1.0).abs() < 1e-5 && hits[0].2 > hits[1].2 && hits[1].2 >= hits[2].2);
+    // Exclusion.
+    let hits = home.retrieved(
+        "Translate to French: good night",
+        &["-k", "3", "--exclude", "french"],
+    );
+    assert_eq!(hits.len(), 2);
+    assert!(hits.iter().all(|h| h.0 != "french"));
+
+    // A disabled adapter is never retrieved, even when asked for every adapter.
+    home.json(&["adapter", "list", "--json"]);
+    assert!(home.run(&["adapter", "disable", "french"]).status.success());
+    let hits = home.retrieved("Translate to French: good night", &["-k", "3"]);
+    assert_eq!(hits.len(), 2);
+    assert!(hits.iter().all(|h| h.0 != "french"));
+    let listed = home.json(&["adapter", "list", "--json"]);
+    assert_eq!(listed["adapters"][0]["enabled"], false);
+    assert!(home.run(&["adapter", "enable", "french"]).status.success());
+    assert_eq!(
+        home.retrieved("Translate to French: good night", &["-k", "1"])[0].0,
+        "french"
+    );
+
+    // Removal deletes rows, files and the index entry.
+    assert!(
+        home.run(&["adapter", "remove", "sentiment"])
+            .status
+            .success()
+    );
+    assert_eq!(home.ids(), ["french", "math-solver"]);
+    assert!(!home.path().join("adapters/sentiment").exists());
+    let hits = home.retrieved(
+        "Is this review positive or negative? Great film.",
+        &["-k", "3"],
+    );
+    assert!(hits.iter().all(|h| h.0 != "sentiment"));
+    assert!(
+        home.fails(&["adapter", "show", "sentiment"])
+            .contains("\"sentiment\"")
+    );
+}
+
+#[test]
+fn bad_adapters_and_sample_files_are_refused_and_leave_nothing() {
+    let home = Home::init();
+    let ad = Adapters::make();
+    ad.add(&home, "french");
+    // An adapter for another model (the tiny Llama fixture): shapes do not fit SmolLM2.
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/lora/qv-r4");
+    let err = home.fails(&["adapter", "add", tiny.to_str().unwrap()]);
+    assert!(
+        err.contains("do not fit") || err.contains("does not exist"),
+        "{err}"
+    );
+    // Not an adapter at all.
+    let empty = tempfile::tempdir().unwrap();
+    let err = home.fails(&["adapter", "add", empty.path().to_str().unwrap()]);
+    assert!(err.contains("adapter_config.json"), "{err}");
+    // A samples file with a bad line: the line is named.
+    let bad = ad.dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"input\": \"fine\"}\n{\"text\": \"no input field\"}\n",
+    )
+    .unwrap();
+    let err = home.fails(&[
+        "adapter",
+        "add",
+        &ad.dir("sentiment"),
+        "--samples",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(err.contains("line 2") && err.contains("input"), "{err}");
+    std::fs::write(&bad, "not json\n").unwrap();
+    let err = home.fails(&[
+        "adapter",
+        "add",
+        &ad.dir("sentiment"),
+        "--samples",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(err.contains("line 1"), "{err}");
+    // Nothing was added, no folder was left behind.
+    assert_eq!(home.ids(), ["french"]);
+    let folders: Vec<_> = std::fs::read_dir(home.path().join("adapters"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(folders, ["french"]);
+    assert!(home.fails(&["retrieve", "--text", "  "]).contains("empty"));
+    assert!(
+        home.fails(&["retrieve", "--text", "x", "-k", "99"])
+            .contains("limit")
+    );
+    assert!(
+        home.fails(&["retrieve", "--text", "x", "--exclude", "nope"])
+            .contains("\"nope\"")
+    );
+    assert!(
+        home.fails(&["retrieve", "--text", "x", "--gating", "softmax:-1"])
+            .contains("temperature")
+    );
+    // Without init: a clear instruction.
+    let other = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ramole"))
+        .args(["adapter", "list"])
+        .env("RAMOLE_HOME", other.path())
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ramole init"));
+}
+
+/// Runs `ramole adapter add` until it reaches `point`, then SIGKILLs it.
+fn kill_at(home: &Home, ad: &Adapters, name: &str, point: &str) {
+    let mut child = home
+        .cmd(&[
+            "adapter",
+            "add",
+            &ad.dir(name),
+            "--samples",
+            ad.samples(name).to_str().unwrap(),
+        ])
+        .env("RAMOLE_FAIL_POINT", point)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut reached = false;
+    for line in BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        if line.contains(&format!("fail point {point} reached")) {
+            reached = true;
+            break;
+        }
+    }
+    assert!(reached, "the process ended before fail point {point}");
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+}
+
+fn integrity_ok(home: &Home) {
+    let conn = rusqlite::Connection::open(home.path().join("catalog.sqlite")).unwrap();
+    let r: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(r, "ok");
+    let fk: Option<i64> = conn
+        .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
+        .ok();
+    assert_eq!(fk, None, "dangling foreign keys");
+}
+
+#[test]
+fn a_kill_in_the_middle_of_adapter_add_leaves_a_consistent_catalog_and_a_rebuilt_index() {
+    let home = Home::init();
+    let ad = Adapters::make();
+    ad.add(&home, "math");
+
+    // Killed after copying the files, before the catalog commit: the adapter does not exist,
+    // its folder is swept at the next start.
+    kill_at(&home, &ad, "french", "adapter-add:copied");
+    integrity_ok(&home);
+    assert!(home.path().join("adapters/french").exists());
+    let out = home.run(&["adapter", "list", "--json"]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("removed unfinished adapter folder"),
+        "{stderr}"
+    );
+    assert_eq!(home.ids(), ["math"]);
+    assert!(!home.path().join("adapters/french").exists());
+
+    // Killed after the commit, before the index was saved: the adapter exists and the stale
+    // index is rebuilt at the next start, so retrieval sees it.
+    kill_at(&home, &ad, "french", "adapter-add:committed");
+    integrity_ok(&home);
+    let out = home.run(&[
+        "retrieve",
+        "--text",
+        "Translate to French: hello",
+        "-k",
+        "1",
+        "--json",
+    ]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("index rebuilt"), "{stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["adapters"][0]["id"], "french");
+    assert_eq!(home.ids(), ["math", "french"]);
+
+    // Killed inside the index save (before the atomic rename): same repair.
+    kill_at(&home, &ad, "sentiment", "index-save");
+    integrity_ok(&home);
+    let out = home.run(&[
+        "retrieve",
+        "--text",
+        "Is this review positive? Loved it.",
+        "-k",
+        "1",
+        "--json",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("index rebuilt"));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["adapters"][0]["id"], "sentiment");
+    // The repair is done once: the next start loads the saved index.
+    let out = home.run(&["retrieve", "--text", "hello", "--json"]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("index rebuilt"));
+
+    // A damaged index file is rebuilt too.
+    std::fs::write(home.path().join("index.usearch"), b"garbage").unwrap();
+    let out = home.run(&["retrieve", "--text", "What is 2 + 2?", "-k", "1", "--json"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("damaged"));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["adapters"][0]["id"], "math");
+}
+
+#[test]
+fn chat_answers_with_retrieved_adapters_and_stores_the_provenance_it_printed() {
+    let home = Home::init();
+    let ad = Adapters::make();
+    ad.add(&home, "french");
+    ad.add(&home, "sentiment");
+    let text = "Translate to French: I am happy to see you.";
+    let v = home.json(&[
+        "chat",
+        "--text",
+        text,
+        "-k",
+        "2",
+        "--max-tokens",
+        "8",
+        "--json",
+    ]);
+    let prov = &v["provenance"];
+    assert_eq!(prov["plan"], "mixture");
+    assert_eq!(prov["k"], 2);
+    assert_eq!(prov["query"], text);
+    let served: Vec<&str> = prov["adapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(served, ["french", "sentiment"]);
+    assert!(
+        prov["adapters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["gate"] == 0.5)
+    );
+    let reply = v["reply"].as_str().unwrap().to_string();
+    assert!(!reply.is_empty());
+    let session = v["session"].as_i64().unwrap();
+
+    // The reply is what the base with exactly those adapters and gates generates.
+    let inst = |id: &str| home.path().join("adapters").join(id).display().to_string();
+    let g = home.json(&[
+        "generate",
+        "--base",
+        ramole_core::config::smollm2_gguf().to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        text,
+        "--adapter",
+        &format!("{}=0.5", inst("french")),
+        "--adapter",
+        &format!("{}=0.5", inst("sentiment")),
+        "--max-tokens",
+        "8",
+        "--json",
+    ]);
+    assert_eq!(g["text"].as_str().unwrap(), reply);
+
+    // What the catalog stored is what was printed.
+    let shown = home.json(&["session", "show", &session.to_string(), "--json"]);
+    let msgs = shown["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 2);
+    assert_eq!(msgs[0]["role"], "user");
+    assert_eq!(msgs[1]["content"].as_str().unwrap(), reply);
+    assert_eq!(msgs[1]["provenance"], *prov);
+    assert_eq!(msgs[1]["id"], v["message"]);
+
+    // Second turn in the same session, with french disabled: retrieval runs again and never
+    // returns it; the history makes the prompt longer.
+    assert!(home.run(&["adapter", "disable", "french"]).status.success());
+    let v2 = home.json(&[
+        "chat",
+        "--text",
+        "And in Spanish?",
+        "--session",
+        &session.to_string(),
+        "-k",
+        "2",
+        "--max-tokens",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(v2["session"], session);
+    let served2: Vec<&str> = v2["provenance"]["adapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(served2, ["sentiment"]);
+    assert!(
+        v2["provenance"]["generation"]["prompt_tokens"]
+            .as_u64()
+            .unwrap()
+            > prov["generation"]["prompt_tokens"].as_u64().unwrap()
+    );
+    let shown = home.json(&["session", "show", &session.to_string(), "--json"]);
+    assert_eq!(shown["messages"].as_array().unwrap().len(), 4);
+    assert_eq!(shown["messages"][3]["provenance"], v2["provenance"]);
+
+    // Selection: the top-1 adapter at full strength. None: no adapters.
+    let sel = home.json(&[
+        "chat",
+        "--text",
+        "Review: awful. Positive or negative?",
+        "--plan",
+        "selection",
+        "--max-tokens",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(sel["provenance"]["plan"], "selection");
+    assert_eq!(sel["provenance"]["adapters"][0]["id"], "sentiment");
+    assert_eq!(sel["provenance"]["adapters"][0]["gate"], 1.0);
+    let none = home.json(&[
+        "chat",
+        "--text",
+        "Hello!",
+        "--plan",
+        "none",
+        "--max-tokens",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(none["provenance"]["plan"], "none");
+    assert_eq!(none["provenance"]["adapters"], json!([]));
+    let sessions = home.json(&["session", "list", "--json"]);
+    assert_eq!(sessions["sessions"].as_array().unwrap().len(), 3);
+    // Bad requests change nothing.
+    assert!(
+        home.fails(&["chat", "--text", "hi", "--session", "999"])
+            .contains("999")
+    );
+    assert!(
+        home.fails(&["chat", "--text", "hi", "--plan", "magic"])
+            .contains("magic")
+    );
+    assert_eq!(
+        home.json(&["session", "list", "--json"])["sessions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+}

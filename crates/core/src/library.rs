@@ -1,0 +1,607 @@
+//! The library of installed adapters under the data dir: the active settings, the catalog, the
+//! adapter files (`adapters/<id>/`) and the index kept consistent with each other. Every change
+//! goes files -> catalog (one transaction) -> index, so a crash at any step leaves either the
+//! old state or one that [`Library::open`] repairs: unreferenced adapter folders are swept, and
+//! a stale or damaged index is rebuilt from the catalog.
+
+use std::collections::HashSet;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use crate::adapter::{self, AdapterError};
+use crate::catalog::{
+    AdapterRecord, AdapterSource, Catalog, CatalogError, Compat, Embedding, NewAdapter, Sample,
+    SampleOrigin, Verdict,
+};
+use crate::config::{self, Settings, SettingsError};
+use crate::embed::{EmbedError, Embedder};
+use crate::files;
+use crate::index::{self, AdapterIndex, IndexError, IndexSpec, RebuildReason};
+use crate::model::{BaseInfo, ModelError, inspect_base};
+use crate::mole::Gating;
+use crate::retrieve::{self, RetrieveError, Retrieved};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LibraryError {
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error(transparent)]
+    Embed(#[from] EmbedError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+    #[error(transparent)]
+    Retrieve(#[from] RetrieveError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+type Result<T, E = LibraryError> = std::result::Result<T, E>;
+
+/// Samples per adapter: at most this many are kept (the paper uses 20).
+pub const MAX_SAMPLES: usize = 200;
+/// Characters per sample text.
+pub const MAX_SAMPLE_CHARS: usize = 8000;
+/// Bytes of a samples file.
+pub const MAX_SAMPLES_FILE_BYTES: u64 = 16 << 20;
+
+const INSTALLING_MARKER: &str = ".ramole-installing";
+
+pub struct Library {
+    dir: PathBuf,
+    settings: Settings,
+    base: BaseInfo,
+    catalog: Catalog,
+    embedder_id: String,
+    embedder: std::cell::OnceCell<Embedder>,
+    index: AdapterIndex,
+    /// What `open` repaired, for the caller to report.
+    pub repairs: Vec<String>,
+}
+
+/// Records the active base model and embedder in `dir` (validating both), keeping any
+/// retrieval defaults already set. `base_id` overrides the identity read from the base's
+/// metadata.
+pub fn init(
+    dir: &Path,
+    base_path: &Path,
+    embedder_path: &Path,
+    base_id: Option<&str>,
+) -> Result<Settings> {
+    let base = inspect_base(base_path)?;
+    Embedder::identify(embedder_path)?;
+    let retrieval = match Settings::load(dir) {
+        Ok(old) => old.retrieval,
+        Err(SettingsError::Missing { .. }) => Default::default(),
+        Err(e) => return Err(e.into()),
+    };
+    let settings = Settings {
+        base_path: absolute(base_path)?,
+        base_id: base_id
+            .map(str::to_string)
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or(base.id),
+        embedder_path: absolute(embedder_path)?,
+        retrieval,
+    };
+    settings.save(dir)?;
+    // Opening re-judges adapters for a new base and rebuilds the index.
+    Library::open(dir)?;
+    Ok(settings)
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).map_err(|source| LibraryError::Io {
+        path: p.to_path_buf(),
+        source,
+    })
+}
+
+impl Library {
+    /// Opens the library in `dir` (initialised by [`init`]) and repairs what a crash may have
+    /// left: stray adapter folders, adapters judged for another base, missing embeddings for
+    /// the active embedder, a missing / damaged / stale index.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let settings = Settings::load(dir)?;
+        let base = inspect_base(&settings.base_path)?;
+        let (embedder_id, dims) = Embedder::identify(&settings.embedder_path)?;
+        let catalog = Catalog::open(&dir.join("catalog.sqlite"))?;
+        let spec = IndexSpec {
+            embedder: embedder_id.clone(),
+            dims,
+            scoring: settings.retrieval.scoring,
+            base: settings.base_id.clone(),
+        };
+        let mut lib = Self {
+            dir: dir.to_path_buf(),
+            base,
+            catalog,
+            embedder_id,
+            embedder: std::cell::OnceCell::new(),
+            // Replaced below once the catalog is repaired.
+            index: AdapterIndex::new(spec.clone(), u64::MAX)?,
+            settings,
+            repairs: Vec::new(),
+        };
+        lib.sweep_stray_folders()?;
+        lib.rejudge_for_base()?;
+        lib.embed_missing()?;
+        let generation = lib.catalog.index_generation()?;
+        let cat = &lib.catalog;
+        let (index, rebuilt) =
+            index::open_or_rebuild(&lib.index_path(), &spec, generation, || {
+                cat.retrievable(&spec.embedder, &spec.base)
+                    .map_err(|e| e.to_string())
+            })?;
+        if let Some(reason) = rebuilt
+            && reason != RebuildReason::Missing
+        {
+            lib.repairs.push(format!("index rebuilt: {reason}"));
+        }
+        lib.index = index;
+        Ok(lib)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn base(&self) -> &BaseInfo {
+        &self.base
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub fn catalog_mut(&mut self) -> &mut Catalog {
+        &mut self.catalog
+    }
+
+    pub fn index(&self) -> &AdapterIndex {
+        &self.index
+    }
+
+    pub fn index_path(&self) -> PathBuf {
+        self.dir.join("index.usearch")
+    }
+
+    pub fn embedder_id(&self) -> &str {
+        &self.embedder_id
+    }
+
+    /// The sentence encoder, loaded on first use.
+    pub fn embedder(&self) -> Result<&Embedder> {
+        if let Some(e) = self.embedder.get() {
+            return Ok(e);
+        }
+        let e = Embedder::load(&self.settings.embedder_path)?;
+        Ok(self.embedder.get_or_init(|| e))
+    }
+
+    /// Where an installed adapter's files live.
+    pub fn adapter_dir(&self, id: &str) -> PathBuf {
+        self.dir.join("adapters").join(id)
+    }
+
+    /// Removes folders under `adapters/` that the catalog does not know and that no live
+    /// install is writing (left by a crash before the catalog commit).
+    fn sweep_stray_folders(&mut self) -> Result<()> {
+        let root = self.dir.join("adapters");
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            return Ok(());
+        };
+        let known: HashSet<String> = self.catalog.adapters()?.into_iter().map(|a| a.id).collect();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let path = entry.path();
+            if known.contains(&name) && !path.join(INSTALLING_MARKER).exists() {
+                continue;
+            }
+            if known.contains(&name) {
+                // Committed but the marker survived a crash: the files are complete.
+                let _ = std::fs::remove_file(path.join(INSTALLING_MARKER));
+                continue;
+            }
+            if install_in_progress(&path) {
+                continue;
+            }
+            std::fs::remove_dir_all(&path).map_err(|source| LibraryError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            self.repairs.push(format!(
+                "removed unfinished adapter folder {}",
+                path.display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Re-checks adapters whose verdict was made for another base model.
+    fn rejudge_for_base(&mut self) -> Result<()> {
+        for rec in self.catalog.adapters()? {
+            if rec.verdict.base == self.settings.base_id {
+                continue;
+            }
+            let verdict = self.judge(&self.adapter_dir(&rec.id), rec.base_model.as_deref());
+            self.catalog.set_verdict(&rec.id, &verdict)?;
+        }
+        Ok(())
+    }
+
+    /// Embeds the samples of adapters that have no profile under the active embedder.
+    fn embed_missing(&mut self) -> Result<()> {
+        let missing = self.catalog.missing_embeddings(&self.embedder_id)?;
+        for key in missing {
+            let samples = self.catalog.samples(key)?;
+            if samples.is_empty() {
+                continue;
+            }
+            let texts: Vec<&str> = samples.iter().map(|s| s.text.as_str()).collect();
+            let emb = retrieve::profile(self.embedder()?, &texts)?;
+            self.catalog.put_embedding(key, &emb)?;
+        }
+        Ok(())
+    }
+
+    /// The verdict for the adapter in `dir` against the active base.
+    fn judge(&self, dir: &Path, declared_base: Option<&str>) -> Verdict {
+        let base = self.settings.base_id.clone();
+        match adapter::inspect(dir, &self.base.config) {
+            Err(e) => Verdict {
+                compat: Compat::Incompatible,
+                reason: e.to_string(),
+                base,
+            },
+            Ok(_) => name_verdict(declared_base, &base),
+        }
+    }
+
+    /// Installs the PEFT adapter in `src` (copied into the data dir): validated against the
+    /// active base, its samples embedded, recorded in the catalog and the index. All or
+    /// nothing. Samples come from `samples_file`, else a `samples.jsonl` beside the adapter,
+    /// else a probe made from its name.
+    pub fn add_local(
+        &mut self,
+        src: &Path,
+        samples_file: Option<&Path>,
+        name: Option<&str>,
+    ) -> Result<AdapterRecord> {
+        let summary = adapter::inspect(src, &self.base.config)?;
+        let src_abs = absolute(src)?;
+        let name = name
+            .map(str::to_string)
+            .filter(|n| !n.trim().is_empty())
+            .or_else(|| src_abs.file_name().map(|n| n.to_string_lossy().to_string()))
+            .unwrap_or_else(|| "adapter".into());
+        let samples = match samples_file {
+            Some(f) => read_samples(f, SampleOrigin::Samples)?,
+            None if src.join("samples.jsonl").is_file() => {
+                read_samples(&src.join("samples.jsonl"), SampleOrigin::Samples)?
+            }
+            None => vec![Sample {
+                text: probe_text(&name, &summary.modules),
+                origin: SampleOrigin::Probe,
+            }],
+        };
+        let texts: Vec<&str> = samples.iter().map(|s| s.text.as_str()).collect();
+        let embedding = retrieve::profile(self.embedder()?, &texts)?;
+        let id = self.catalog.free_adapter_id(&name)?;
+        let verdict = name_verdict(summary.config.base_model.as_deref(), &self.settings.base_id);
+        let new = NewAdapter {
+            id: id.clone(),
+            name,
+            source: AdapterSource::Local { path: src_abs },
+            base_model: summary.config.base_model.clone(),
+            architecture: self.base.config.arch.name().to_string(),
+            ranks: summary.ranks.clone(),
+            alpha: summary.config.lora_alpha,
+            target_modules: summary.modules.clone(),
+            size_bytes: summary.bytes_on_disk,
+            license: None,
+            card_summary: None,
+            verdict,
+        };
+        self.install(src, &new, &samples, &embedding)
+    }
+
+    /// Copies the adapter files, commits the catalog rows, updates and saves the index.
+    pub fn install(
+        &mut self,
+        src: &Path,
+        new: &NewAdapter,
+        samples: &[Sample],
+        embedding: &Embedding,
+    ) -> Result<AdapterRecord> {
+        let dest = self.adapter_dir(&new.id);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LibraryError::Io { path, source }
+        };
+        std::fs::create_dir_all(&dest).map_err(io(&dest))?;
+        files::write_atomic(
+            &dest.join(INSTALLING_MARKER),
+            std::process::id().to_string().as_bytes(),
+        )
+        .map_err(io(&dest))?;
+        let copied = (|| -> Result<AdapterRecord> {
+            for f in ["adapter_config.json", "adapter_model.safetensors"] {
+                let to = dest.join(f);
+                std::fs::copy(src.join(f), &to).map_err(io(&src.join(f)))?;
+                std::fs::File::open(&to)
+                    .and_then(|h| h.sync_all())
+                    .map_err(io(&to))?;
+            }
+            for f in ["README.md", "samples.jsonl"] {
+                if src.join(f).is_file() {
+                    std::fs::copy(src.join(f), dest.join(f)).map_err(io(&src.join(f)))?;
+                }
+            }
+            // The copy must be what was validated.
+            adapter::inspect(&dest, &self.base.config)?;
+            config::fail_point("adapter-add:copied");
+            Ok(self.catalog.add_adapter(new, samples, Some(embedding))?)
+        })();
+        let rec = match copied {
+            Ok(rec) => rec,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dest);
+                return Err(e);
+            }
+        };
+        let _ = std::fs::remove_file(dest.join(INSTALLING_MARKER));
+        config::fail_point("adapter-add:committed");
+        self.sync_index_entry(&rec)?;
+        Ok(rec)
+    }
+
+    /// Stores many already-embedded adapters (no files) in one transaction and rebuilds the
+    /// index: imports of records and the retrieval benchmark.
+    pub fn import_records(
+        &mut self,
+        items: &[(NewAdapter, Vec<Sample>, Option<Embedding>)],
+    ) -> Result<Vec<u64>> {
+        let keys = self.catalog.add_adapters(items)?;
+        self.rebuild_index()?;
+        Ok(keys)
+    }
+
+    /// Rebuilds the index from the catalog and saves it.
+    pub fn rebuild_index(&mut self) -> Result<()> {
+        let spec = self.index.spec().clone();
+        let rows = self.catalog.retrievable(&spec.embedder, &spec.base)?;
+        self.index = AdapterIndex::build(spec, self.catalog.index_generation()?, &rows)?;
+        self.save_index()
+    }
+
+    /// Enables or disables an adapter for retrieval.
+    pub fn set_enabled(&mut self, id: &str, enabled: bool) -> Result<AdapterRecord> {
+        let rec = self.catalog.set_enabled(id, enabled)?;
+        self.sync_index_entry(&rec)?;
+        Ok(rec)
+    }
+
+    /// Deletes an adapter's rows, index entry and files.
+    pub fn remove(&mut self, id: &str) -> Result<AdapterRecord> {
+        let rec = self.catalog.remove_adapter(id)?;
+        self.index.remove(rec.key)?;
+        self.save_index()?;
+        let dir = self.adapter_dir(&rec.id);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .map_err(|source| LibraryError::Io { path: dir, source })?;
+        }
+        Ok(rec)
+    }
+
+    /// Replaces an adapter's samples (origin `user` unless given) and re-embeds them.
+    pub fn set_samples(&mut self, id: &str, samples: &[Sample]) -> Result<AdapterRecord> {
+        let rec = self.catalog.require_adapter(id)?;
+        let samples = check_samples(samples.to_vec())?;
+        let texts: Vec<&str> = samples.iter().map(|s| s.text.as_str()).collect();
+        let emb = retrieve::profile(self.embedder()?, &texts)?;
+        self.catalog.replace_samples(rec.key, &samples, &emb)?;
+        self.sync_index_entry(&rec)?;
+        Ok(rec)
+    }
+
+    /// Puts the adapter's vector in the index iff it is retrievable, and saves the index.
+    fn sync_index_entry(&mut self, rec: &AdapterRecord) -> Result<()> {
+        let retrievable = rec.enabled
+            && rec.verdict.compat != Compat::Incompatible
+            && rec.verdict.base == self.settings.base_id;
+        match self.catalog.embedding(rec.key, &self.embedder_id)? {
+            Some(e) if retrievable => self.index.upsert(rec.key, &e.vector)?,
+            _ => self.index.remove(rec.key)?,
+        }
+        self.save_index()
+    }
+
+    fn save_index(&mut self) -> Result<()> {
+        self.index.set_generation(self.catalog.index_generation()?);
+        self.index.save(&self.index_path())?;
+        Ok(())
+    }
+
+    /// Top-k adapters for `text` (the latest user message), excluding `exclude` (adapter ids).
+    pub fn retrieve(
+        &self,
+        text: &str,
+        k: usize,
+        exclude: &[String],
+        gating: Gating,
+    ) -> Result<Vec<Retrieved>> {
+        if text.trim().is_empty() {
+            return Err(LibraryError::Invalid("the query text is empty".into()));
+        }
+        if k > config::MAX_K {
+            return Err(LibraryError::Invalid(format!(
+                "k = {k} exceeds the limit {}",
+                config::MAX_K
+            )));
+        }
+        let mut skip = HashSet::new();
+        for id in exclude {
+            skip.insert(self.catalog.require_adapter(id)?.key);
+        }
+        let query = self
+            .embedder()?
+            .embed(&[text])?
+            .pop()
+            .expect("one text, one vector");
+        Ok(retrieve::retrieve(
+            &self.catalog,
+            &self.index,
+            &query,
+            k,
+            &skip,
+            gating,
+        )?)
+    }
+}
+
+/// Shapes fit; the name decides between compatible and a warning.
+fn name_verdict(declared: Option<&str>, base: &str) -> Verdict {
+    let norm = |s: &str| {
+        let last = s.trim_end_matches('/').rsplit('/').next().unwrap_or(s);
+        last.to_ascii_lowercase()
+            .trim_end_matches("-gguf")
+            .to_string()
+    };
+    match declared.filter(|d| !d.trim().is_empty()) {
+        Some(d) if norm(d) != norm(base) && !norm(base).contains(&norm(d)) => Verdict {
+            compat: Compat::Warning,
+            reason: format!(
+                "trained for {d}, active base is {base}; the shapes fit, quality may differ"
+            ),
+            base: base.to_string(),
+        },
+        _ => Verdict {
+            compat: Compat::Compatible,
+            reason: String::new(),
+            base: base.to_string(),
+        },
+    }
+}
+
+/// A retrieval probe for an adapter that ships no samples: its name in words.
+fn probe_text(name: &str, modules: &[String]) -> String {
+    let words: String = name
+        .chars()
+        .map(|c| if c.is_alphanumeric() { c } else { ' ' })
+        .collect::<String>()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    if words.is_empty() {
+        format!("A request for an adapter of {}", modules.join(", "))
+    } else {
+        format!("A request about {words}")
+    }
+}
+
+fn install_in_progress(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join(INSTALLING_MARKER)) else {
+        return false;
+    };
+    let Ok(pid) = text.trim().parse::<u32>() else {
+        return false;
+    };
+    if pid == std::process::id() {
+        return false;
+    }
+    let proc = Path::new("/proc");
+    if proc.is_dir() {
+        return proc.join(pid.to_string()).exists();
+    }
+    // No /proc: trust a marker younger than an hour.
+    std::fs::metadata(dir.join(INSTALLING_MARKER))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age.as_secs() < 3600)
+}
+
+/// Reads a samples file: JSON lines with `input` or `inputs` (and optionally `target(s)`).
+pub fn read_samples(path: &Path, origin: SampleOrigin) -> Result<Vec<Sample>> {
+    let io = |source| LibraryError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let len = std::fs::metadata(path).map_err(io)?.len();
+    if len > MAX_SAMPLES_FILE_BYTES {
+        return Err(LibraryError::Invalid(format!(
+            "{}: {len} bytes exceeds the limit of {MAX_SAMPLES_FILE_BYTES} bytes for a samples file",
+            path.display()
+        )));
+    }
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(io)?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad =
+            |m: String| LibraryError::Invalid(format!("{}: line {}: {m}", path.display(), i + 1));
+        let v: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let text = ["input", "inputs"]
+            .iter()
+            .find_map(|k| v.get(*k))
+            .ok_or_else(|| bad("needs an \"input\" or \"inputs\" field".into()))?
+            .as_str()
+            .ok_or_else(|| bad("\"input\" must be a string".into()))?;
+        out.push(Sample {
+            text: text.to_string(),
+            origin,
+        });
+    }
+    check_samples(out).map_err(|e| match e {
+        LibraryError::Invalid(m) => LibraryError::Invalid(format!("{}: {m}", path.display())),
+        e => e,
+    })
+}
+
+fn check_samples(samples: Vec<Sample>) -> Result<Vec<Sample>> {
+    if samples.is_empty() {
+        return Err(LibraryError::Invalid(
+            "no samples: at least one input is needed".into(),
+        ));
+    }
+    if samples.len() > MAX_SAMPLES {
+        return Err(LibraryError::Invalid(format!(
+            "{} samples exceed the limit of {MAX_SAMPLES}",
+            samples.len()
+        )));
+    }
+    for (i, s) in samples.iter().enumerate() {
+        if s.text.trim().is_empty() {
+            return Err(LibraryError::Invalid(format!("sample {} is empty", i + 1)));
+        }
+        let n = s.text.chars().count();
+        if n > MAX_SAMPLE_CHARS {
+            return Err(LibraryError::Invalid(format!(
+                "sample {} has {n} characters, the limit is {MAX_SAMPLE_CHARS}",
+                i + 1
+            )));
+        }
+    }
+    Ok(samples)
+}

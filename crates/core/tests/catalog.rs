@@ -1,0 +1,284 @@
+//! The catalog on real SQLite files: migration from empty, round trips, constraints, the index
+//! generation, chats and reply provenance.
+
+use std::path::PathBuf;
+
+use ramole_core::catalog::{
+    AdapterSource, Catalog, CatalogError, Compat, Embedding, NewAdapter, Provenance,
+    SCHEMA_VERSION, Sample, SampleOrigin, ServedAdapter, Verdict,
+};
+
+fn new_adapter(id: &str, base: &str) -> NewAdapter {
+    NewAdapter {
+        id: id.into(),
+        name: format!("{id} name"),
+        source: AdapterSource::Hub {
+            repo: format!("someone/{id}"),
+            revision: "main".into(),
+            commit: Some("0123456789abcdef".into()),
+        },
+        base_model: Some("HuggingFaceTB/SmolLM2-135M-Instruct".into()),
+        architecture: "llama".into(),
+        ranks: vec![4, 8],
+        alpha: 16.0,
+        target_modules: vec!["q_proj".into(), "v_proj".into()],
+        size_bytes: 12345,
+        license: Some("apache-2.0".into()),
+        card_summary: Some("Answers in French.".into()),
+        verdict: Verdict {
+            compat: Compat::Compatible,
+            reason: String::new(),
+            base: base.into(),
+        },
+    }
+}
+
+fn samples() -> Vec<Sample> {
+    vec![
+        Sample {
+            text: "Translate: good morning".into(),
+            origin: SampleOrigin::Card,
+        },
+        Sample {
+            text: "Translate: thank you".into(),
+            origin: SampleOrigin::User,
+        },
+    ]
+}
+
+fn emb(embedder: &str, v: Vec<f32>) -> Embedding {
+    Embedding {
+        embedder: embedder.into(),
+        samples: 2,
+        vector: v,
+    }
+}
+
+#[test]
+fn a_fresh_catalog_migrates_from_empty_and_reopens_without_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.sqlite");
+    let cat = Catalog::open(&path).unwrap();
+    assert_eq!(cat.schema_version().unwrap(), SCHEMA_VERSION);
+    assert!(cat.adapters().unwrap().is_empty());
+    assert_eq!(cat.index_generation().unwrap(), 0);
+    drop(cat);
+    // WAL mode is on for the file.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    drop(conn);
+    let cat = Catalog::open(&path).unwrap();
+    assert_eq!(cat.schema_version().unwrap(), SCHEMA_VERSION);
+}
+
+#[test]
+fn a_catalog_from_a_newer_ramole_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.sqlite");
+    drop(Catalog::open(&path).unwrap());
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(conn);
+    let err = Catalog::open(&path).err().expect("refused");
+    assert!(
+        matches!(err, CatalogError::TooNew { found: 99, .. }),
+        "{err}"
+    );
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let v: u32 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, 99);
+}
+
+#[test]
+fn adapters_samples_and_embeddings_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.sqlite");
+    let mut cat = Catalog::open(&path).unwrap();
+    let new = new_adapter("fr", "base-a");
+    let rec = cat
+        .add_adapter(&new, &samples(), Some(&emb("mini:3", vec![0.5, -1.0, 2.0])))
+        .unwrap();
+    let mut local = new_adapter("local-one", "base-a");
+    local.source = AdapterSource::Local {
+        path: PathBuf::from("/some/where"),
+    };
+    local.verdict = Verdict {
+        compat: Compat::Warning,
+        reason: "trained for another base".into(),
+        base: "base-a".into(),
+    };
+    cat.add_adapter(&local, &samples()[..1], None).unwrap();
+    drop(cat);
+
+    let cat = Catalog::open(&path).unwrap();
+    let got = cat.require_adapter("fr").unwrap();
+    assert_eq!(got, rec);
+    assert_eq!(got.source, new.source);
+    assert_eq!(got.ranks, vec![4, 8]);
+    assert_eq!(got.target_modules, new.target_modules);
+    assert_eq!(got.license.as_deref(), Some("apache-2.0"));
+    assert!(got.enabled);
+    assert_eq!(cat.samples(got.key).unwrap(), samples());
+    assert_eq!(
+        cat.embedding(got.key, "mini:3").unwrap().unwrap().vector,
+        vec![0.5, -1.0, 2.0]
+    );
+    assert!(cat.embedding(got.key, "other:3").unwrap().is_none());
+    let l = cat.require_adapter("local-one").unwrap();
+    assert_eq!(l.verdict.compat, Compat::Warning);
+    assert_eq!(
+        l.source,
+        AdapterSource::Local {
+            path: "/some/where".into()
+        }
+    );
+    assert_eq!(cat.missing_embeddings("mini:3").unwrap(), vec![l.key]);
+    // Only enabled, non-incompatible adapters for that base, embedded by that embedder.
+    assert_eq!(
+        cat.retrievable("mini:3", "base-a").unwrap(),
+        vec![(got.key, vec![0.5, -1.0, 2.0])]
+    );
+    assert!(cat.retrievable("mini:3", "base-b").unwrap().is_empty());
+}
+
+#[test]
+fn constraints_reject_bad_rows_and_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cat = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
+    cat.add_adapter(&new_adapter("a", "b"), &samples(), None)
+        .unwrap();
+    // Same id twice.
+    assert!(
+        cat.add_adapter(&new_adapter("a", "b"), &samples(), None)
+            .is_err()
+    );
+    // An empty sample: refused, and the adapter row is not half-written.
+    let bad = vec![Sample {
+        text: "  ".into(),
+        origin: SampleOrigin::User,
+    }];
+    assert!(cat.add_adapter(&new_adapter("b", "b"), &bad, None).is_err());
+    assert!(cat.adapter("b").unwrap().is_none());
+    // A failure inside the transaction (an empty embedding violates dims > 0) rolls back all.
+    assert!(
+        cat.add_adapter(&new_adapter("c", "b"), &samples(), Some(&emb("e", vec![])))
+            .is_err()
+    );
+    assert!(cat.adapter("c").unwrap().is_none());
+    assert_eq!(cat.adapters().unwrap().len(), 1);
+    // Ids are made unique and clean.
+    assert_eq!(cat.free_adapter_id("A").unwrap(), "a-2");
+    assert_eq!(
+        cat.free_adapter_id("someone/French Adapter!").unwrap(),
+        "someone-french-adapter"
+    );
+    assert!(matches!(
+        cat.set_enabled("nope", false),
+        Err(CatalogError::NoAdapter(_))
+    ));
+}
+
+#[test]
+fn the_index_generation_moves_with_every_retrieval_relevant_change() {
+    let mut cat = Catalog::open_in_memory().unwrap();
+    let g0 = cat.index_generation().unwrap();
+    let rec = cat
+        .add_adapter(
+            &new_adapter("a", "b"),
+            &samples(),
+            Some(&emb("e", vec![1.0])),
+        )
+        .unwrap();
+    let g1 = cat.index_generation().unwrap();
+    assert!(g1 > g0);
+    cat.set_enabled("a", false).unwrap();
+    let g2 = cat.index_generation().unwrap();
+    assert!(g2 > g1);
+    // No change, no bump.
+    cat.set_enabled("a", false).unwrap();
+    assert_eq!(cat.index_generation().unwrap(), g2);
+    cat.put_embedding(rec.key, &emb("e", vec![2.0])).unwrap();
+    let g3 = cat.index_generation().unwrap();
+    assert!(g3 > g2);
+    // Chats do not touch it.
+    let c = cat.create_chat("t", None).unwrap();
+    cat.add_message(c.id, "user", "hi").unwrap();
+    assert_eq!(cat.index_generation().unwrap(), g3);
+    cat.remove_adapter("a").unwrap();
+    assert!(cat.index_generation().unwrap() > g3);
+}
+
+#[test]
+fn replies_keep_their_provenance_even_after_the_adapter_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.sqlite");
+    let mut cat = Catalog::open(&path).unwrap();
+    cat.add_adapter(&new_adapter("fr", "b"), &samples(), None)
+        .unwrap();
+    let chat = cat.create_chat("French", Some("Be brief.")).unwrap();
+    let u = cat
+        .add_message(chat.id, "user", "Say hi in French")
+        .unwrap();
+    let prov = Provenance {
+        plan: "mixture".into(),
+        k: 2,
+        query: "Say hi in French".into(),
+        base_model: "b".into(),
+        embedder: Some("mini:384".into()),
+        scoring: Some("cosine".into()),
+        gating: Some("uniform".into()),
+        adapters: vec![
+            ServedAdapter {
+                id: "fr".into(),
+                name: "fr name".into(),
+                score: Some(0.75),
+                gate: 0.5,
+            },
+            ServedAdapter {
+                id: "gone".into(),
+                name: "gone".into(),
+                score: None,
+                gate: 0.5,
+            },
+        ],
+        generation: serde_json::json!({"seed": 3, "max_tokens": 16}),
+        layer_gates: Some(serde_json::json!({"layers": [[0.5, 0.5]]})),
+    };
+    let r = cat.add_reply(chat.id, "Bonjour", &prov).unwrap();
+    assert!(r > u);
+    // A gate below zero is refused by the schema and nothing of that reply is stored.
+    let mut bad = prov.clone();
+    bad.adapters[0].gate = -1.0;
+    assert!(cat.add_reply(chat.id, "x", &bad).is_err());
+    assert_eq!(cat.messages(chat.id).unwrap().len(), 2);
+    drop(cat);
+
+    let mut cat = Catalog::open(&path).unwrap();
+    assert_eq!(cat.provenance(r).unwrap().unwrap(), prov);
+    assert!(cat.provenance(u).unwrap().is_none());
+    cat.remove_adapter("fr").unwrap();
+    let after = cat.provenance(r).unwrap().unwrap();
+    assert_eq!(after.adapters[0].id, "fr");
+    let msgs = cat.messages(chat.id).unwrap();
+    assert_eq!(
+        msgs.iter().map(|m| m.role.as_str()).collect::<Vec<_>>(),
+        ["user", "assistant"]
+    );
+    assert_eq!(
+        cat.chats().unwrap()[0].system_prompt.as_deref(),
+        Some("Be brief.")
+    );
+    cat.rename_chat(chat.id, "Renamed").unwrap();
+    assert_eq!(cat.require_chat(chat.id).unwrap().title, "Renamed");
+    cat.delete_chat(chat.id).unwrap();
+    assert!(cat.provenance(r).unwrap().is_none());
+    assert!(matches!(
+        cat.delete_chat(chat.id),
+        Err(CatalogError::NoChat(_))
+    ));
+}
