@@ -40,6 +40,9 @@ pub(crate) struct RetrievalBench {
     /// Real adapters added (timed) on top of the synthetic ones.
     #[arg(long, default_value_t = 5)]
     pub(crate) adds: usize,
+    /// Query texts (repeatable; default: generated one-sentence requests).
+    #[arg(long = "query")]
+    pub(crate) query_texts: Vec<String>,
     /// Base model (default: the library's, else the test SmolLM2).
     #[arg(long)]
     pub(crate) base: Option<std::path::PathBuf>,

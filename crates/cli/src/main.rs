@@ -203,6 +203,8 @@ struct LogitsArgs {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: first statement of main; no other thread exists yet.
+    unsafe { ramole_core::config::pin_thread_count() };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => run_generate(a),

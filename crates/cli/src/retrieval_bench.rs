@@ -130,6 +130,14 @@ pub(crate) fn run(b: RetrievalBench) -> Result<()> {
 
     // Queries: embed + search + resolve, as `ramole retrieve` does; also the two parts apart.
     let embed = lib.embedder()?;
+    let query = |i: usize| -> String {
+        if b.query_texts.is_empty() {
+            query(i)
+        } else {
+            b.query_texts[i % b.query_texts.len()].clone()
+        }
+    };
+    let mut query_tokens = 0usize;
     for i in 0..5 {
         lib.retrieve(&query(i), 3, &[], Gating::Uniform)?;
     }
@@ -138,6 +146,7 @@ pub(crate) fn run(b: RetrievalBench) -> Result<()> {
     let mut search_ms = Vec::with_capacity(b.queries);
     for i in 0..b.queries {
         let q = query(i + 5);
+        query_tokens += embed.tokens(&q)?.len();
         let t = Instant::now();
         let hits = lib.retrieve(&q, 3, &[], Gating::Uniform)?;
         total.push(t.elapsed().as_secs_f64() * 1e3);
@@ -180,6 +189,7 @@ pub(crate) fn run(b: RetrievalBench) -> Result<()> {
     let v = json!({
         "adapters": b.adapters,
         "queries": b.queries,
+        "query_tokens_mean": query_tokens as f64 / b.queries as f64,
         "p50_ms": percentile(&total, 0.5),
         "p95_ms": percentile(&total, 0.95),
         "embed_p50_ms": percentile(&embed_ms, 0.5),
@@ -193,8 +203,10 @@ pub(crate) fn run(b: RetrievalBench) -> Result<()> {
         println!("{v}");
     } else {
         println!(
-            "retrieval over {} adapters, {} queries",
-            b.adapters, b.queries
+            "retrieval over {} adapters, {} queries of {:.1} tokens on average",
+            b.adapters,
+            b.queries,
+            query_tokens as f64 / b.queries as f64
         );
         println!(
             "  one retrieval   p50 {:.2} ms   p95 {:.2} ms",

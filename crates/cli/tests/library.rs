@@ -590,3 +590,79 @@ fn chat_answers_with_retrieved_adapters_and_stores_the_provenance_it_printed() {
         3
     );
 }
+
+#[test]
+fn eval_retrieval_prints_the_papers_table_shape() {
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/flan-mixed");
+    let profiles: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("profiles-48.json")).unwrap())
+            .unwrap();
+    let tests: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("test-2395.json")).unwrap()).unwrap();
+    // Six tasks of different domains, four test inputs each.
+    let chosen = [
+        "sst2",
+        "wmt16_translate_deen",
+        "squad_v1",
+        "copa",
+        "glue_mrpc",
+        "e2e_nlg",
+    ];
+    let p: Vec<&Value> = profiles
+        .iter()
+        .filter(|p| chosen.contains(&p["model_name"].as_str().unwrap()))
+        .collect();
+    let mut t = Vec::new();
+    for c in chosen {
+        t.extend(tests.iter().filter(|x| x["task"] == c).take(4));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pf, tf) = (dir.path().join("p.json"), dir.path().join("t.json"));
+    std::fs::write(&pf, serde_json::to_string(&p).unwrap()).unwrap();
+    std::fs::write(&tf, serde_json::to_string(&t).unwrap()).unwrap();
+    let m = ramole_core::config::minilm_dir();
+    let run = |extra: &[&str]| -> Output {
+        let mut args = vec![
+            "eval",
+            "retrieval",
+            "--profiles",
+            pf.to_str().unwrap(),
+            "--test",
+            tf.to_str().unwrap(),
+            "--embedder",
+            m.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_ramole"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--k", "1,6", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["n"], 24);
+    let top1 = v["overall"]["1"].as_f64().unwrap();
+    assert!(top1 > 50.0 && top1 <= 100.0, "{v}");
+    // Six tasks: the own task is always among the top 6.
+    assert_eq!(v["overall"]["6"], 100.0);
+    assert_eq!(v["per_domain"].as_object().unwrap().len(), 6);
+    assert_eq!(v["per_domain"]["sentiment"]["6"], 100.0);
+    // OOD: no other task shares a domain here, so nothing counts as a hit.
+    let out = run(&["--k", "1,3", "--ood", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["overall"]["3"], 0.0, "{v}");
+    // The table.
+    let out = run(&["--k", "1,3"]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("top1") && table.contains("overall") && table.contains("sentiment"));
+    // Mistakes.
+    let err = String::from_utf8(run(&["--k", "0"]).stderr).unwrap();
+    assert!(err.contains("\"0\""), "{err}");
+    let err = String::from_utf8(run(&["--scoring", "l2"]).stderr).unwrap();
+    assert!(err.contains("l2"), "{err}");
+}

@@ -142,3 +142,18 @@ impl Settings {
 
 /// The most adapters one message may mix.
 pub const MAX_K: usize = 16;
+
+/// Fixes candle's CPU thread count for the process by setting `RAYON_NUM_THREADS` (to the count
+/// candle would pick) when it is unset: otherwise candle re-reads the CPU topology from `/proc`
+/// on every matrix product, which was a third of the time of embedding a short query.
+///
+/// # Safety
+///
+/// Sets an environment variable: call it at the start of `main`, before any other thread runs.
+pub unsafe fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        // SAFETY: the caller guarantees no other thread is running.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
+}

@@ -66,7 +66,16 @@ struct Dense {
 impl Dense {
     /// `x` `[.., in]` -> `[.., out]`.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.broadcast_matmul(&self.w.t()?)?.broadcast_add(&self.b)
+        // One GEMM over all rows: a batched matmul would re-pack the weight for every sequence.
+        let dims = x.dims().to_vec();
+        let (inp, out) = (dims[dims.len() - 1], self.w.dim(0)?);
+        let rows = x.elem_count() / inp;
+        let mut shape = dims;
+        *shape.last_mut().expect("x has dims") = out;
+        x.reshape((rows, inp))?
+            .matmul(&self.w.t()?)?
+            .broadcast_add(&self.b)?
+            .reshape(shape)
     }
 }
 

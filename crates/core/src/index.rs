@@ -183,24 +183,34 @@ impl AdapterIndex {
         if k == 0 || self.is_empty() {
             return Ok(Vec::new());
         }
-        let matches = if self.len() < EXACT_BELOW {
-            // Exact scan over everything, filtered afterwards.
-            self.index
-                .exact_search(query, self.len())
-                .map_err(usearch_err)?
+        let hits = |m: usearch::ffi::Matches| -> Vec<(u64, f32)> {
+            m.keys
+                .iter()
+                .zip(&m.distances)
+                .filter(|(key, _)| !skip(**key))
+                .map(|(&key, &d)| (key, 1.0 - d))
+                .collect()
+        };
+        let mut out = if self.len() < EXACT_BELOW {
+            // Exact scan; fetch a margin for skipped keys, everything when that was not enough.
+            let fetch = (k + 16).min(self.len());
+            let mut out = hits(self.index.exact_search(query, fetch).map_err(usearch_err)?);
+            if out.len() < k && fetch < self.len() {
+                out = hits(
+                    self.index
+                        .exact_search(query, self.len())
+                        .map_err(usearch_err)?,
+                );
+            }
+            out
         } else {
             self.index.change_expansion_search((4 * k).max(64));
-            self.index
-                .filtered_search(query, k, |key| !skip(key))
-                .map_err(usearch_err)?
+            hits(
+                self.index
+                    .filtered_search(query, k, |key| !skip(key))
+                    .map_err(usearch_err)?,
+            )
         };
-        let mut out: Vec<(u64, f32)> = matches
-            .keys
-            .iter()
-            .zip(&matches.distances)
-            .filter(|(key, _)| !skip(**key))
-            .map(|(&key, &d)| (key, 1.0 - d))
-            .collect();
         // Ties broken by key so results are deterministic.
         out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         out.truncate(k);

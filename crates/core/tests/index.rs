@@ -60,6 +60,18 @@ fn small_indexes_equal_the_brute_force_reference_for_both_scorings() {
             assert!((got[0].1 - want).abs() < 1e-4, "{} vs {want}", got[0].1);
         }
     }
+    // Skipping more keys than the exact scan's margin still yields k results, the right ones.
+    let idx = AdapterIndex::build(spec(Scoring::Cosine, 32), 0, &data).unwrap();
+    let q = normalized(&queries[1].1);
+    let order = brute(&data, &q, 300, Scoring::Cosine);
+    let skipped: std::collections::HashSet<u64> = order[..40].iter().copied().collect();
+    let got: Vec<u64> = idx
+        .search(&q, 3, &|k| skipped.contains(&k))
+        .unwrap()
+        .iter()
+        .map(|g| g.0)
+        .collect();
+    assert_eq!(got, order[40..43]);
     // The two scorings rank differently on un-normalised means (why cosine is the default).
     let q = normalized(&queries[0].1);
     assert_ne!(

@@ -10,7 +10,7 @@ use ramole_core::retrieve::{RetrievalEval, TaskProfile, TestInput};
 
 fn data(name: &str) -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/data/flan-mixed")
+        .join("../../tests/fixtures/flan-mixed")
         .join(name);
     assert!(p.exists(), "benchmark data missing: {}", p.display());
     p
