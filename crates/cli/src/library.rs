@@ -28,6 +28,15 @@ pub(crate) struct InitArgs {
     /// The base's Hub id (default: read from its config.json or GGUF metadata).
     #[arg(long)]
     base_id: Option<String>,
+    /// Adapters retrieved per message (default 3, or as set before).
+    #[arg(short, long)]
+    k: Option<usize>,
+    /// cosine (default) | ip (the paper's inner product with the raw mean).
+    #[arg(long)]
+    scoring: Option<String>,
+    /// uniform (default) | softmax | softmax:<temperature>.
+    #[arg(long)]
+    gating: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -179,7 +188,22 @@ fn parse_gating(g: &Option<String>) -> Result<Option<Gating>> {
 
 pub(crate) fn run_init(a: InitArgs) -> Result<()> {
     let dir = config::data_dir();
-    let s = library::init(&dir, &a.base, &a.embedder, a.base_id.as_deref())?;
+    let retrieval = if a.k.is_some() || a.scoring.is_some() || a.gating.is_some() {
+        let old = config::Settings::load(&dir)
+            .map(|s| s.retrieval)
+            .unwrap_or_default();
+        Some(config::RetrievalDefaults {
+            k: a.k.unwrap_or(old.k),
+            scoring: match &a.scoring {
+                Some(s) => s.parse().map_err(anyhow::Error::msg)?,
+                None => old.scoring,
+            },
+            gating: parse_gating(&a.gating)?.unwrap_or(old.gating),
+        })
+    } else {
+        None
+    };
+    let s = library::init(&dir, &a.base, &a.embedder, a.base_id.as_deref(), retrieval)?;
     let (embedder_id, dims) = Embedder::identify(&s.embedder_path)?;
     if a.json {
         println!(

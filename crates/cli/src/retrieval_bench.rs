@@ -70,7 +70,7 @@ pub(crate) fn run(b: RetrievalBench) -> Result<()> {
     let dir: PathBuf =
         std::env::temp_dir().join(format!("ramole-bench-retrieval-{}", std::process::id()));
     let _cleanup = RemoveOnDrop(dir.clone());
-    library::init(&dir, &base, &embedder, None)?;
+    library::init(&dir, &base, &embedder, None, None)?;
     let mut lib = Library::open(&dir)?;
     let dims = lib.index().spec().dims;
     let base_id = lib.settings().base_id.clone();

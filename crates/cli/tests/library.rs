@@ -265,6 +265,48 @@ fn adapters_are_added_listed_shown_toggled_removed_and_retrieved() {
         home.fails(&["adapter", "show", "sentiment"])
             .contains("\"sentiment\"")
     );
+
+    // Re-initialising with other retrieval defaults and another base identity: adapters are
+    // judged again for that base and the index is rebuilt for the new scoring.
+    let g = ramole_core::config::smollm2_gguf();
+    let m = ramole_core::config::minilm_dir();
+    let v = home.json(&[
+        "init",
+        "--base",
+        g.to_str().unwrap(),
+        "--embedder",
+        m.to_str().unwrap(),
+        "--base-id",
+        "someone/renamed-base",
+        "-k",
+        "2",
+        "--scoring",
+        "ip",
+        "--json",
+    ]);
+    assert_eq!(v["base"]["id"], "someone/renamed-base");
+    assert_eq!(v["retrieval"]["scoring"], "ip");
+    let shown = home.json(&["adapter", "show", "french", "--json"]);
+    assert_eq!(shown["verdict"]["base"], "someone/renamed-base");
+    let r = home.json(&[
+        "retrieve",
+        "--text",
+        "Translate to French: good night",
+        "--json",
+    ]);
+    assert_eq!(r["scoring"], "ip");
+    assert_eq!(r["k"], 2);
+    assert_eq!(r["adapters"][0]["id"], "french");
+    let err = home.fails(&[
+        "init",
+        "--base",
+        g.to_str().unwrap(),
+        "--embedder",
+        m.to_str().unwrap(),
+        "-k",
+        "0",
+    ]);
+    assert!(err.contains("k = 0"), "{err}");
 }
 
 #[test]

@@ -66,13 +66,12 @@ pub struct Settings {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RetrievalDefaults {
     /// Adapters per message (the paper's k).
     pub k: usize,
     pub scoring: Scoring,
     pub gating: Gating,
-    /// Context tokens reserved for the reply when history is trimmed.
-    pub max_tokens: usize,
 }
 
 impl Default for RetrievalDefaults {
@@ -81,7 +80,6 @@ impl Default for RetrievalDefaults {
             k: 3,
             scoring: Scoring::Cosine,
             gating: Gating::Uniform,
-            max_tokens: 256,
         }
     }
 }

@@ -92,9 +92,8 @@ impl Norm {
 }
 
 struct Layer {
-    q: Dense,
-    k: Dense,
-    v: Dense,
+    /// Query, key and value projections stacked (`[3h, h]`): one product instead of three.
+    qkv: Dense,
     attn_out: Dense,
     attn_norm: Norm,
     ffn_in: Dense,
@@ -172,9 +171,16 @@ impl Embedder {
         for i in 0..cfg.num_hidden_layers {
             let l = format!("{p}encoder.layer.{i}");
             layers.push(Layer {
-                q: dense(&format!("{l}.attention.self.query"), h, h)?,
-                k: dense(&format!("{l}.attention.self.key"), h, h)?,
-                v: dense(&format!("{l}.attention.self.value"), h, h)?,
+                qkv: {
+                    let parts = ["query", "key", "value"]
+                        .map(|p| dense(&format!("{l}.attention.self.{p}"), h, h));
+                    let [q, k, v] = parts;
+                    let (q, k, v) = (q?, k?, v?);
+                    Dense {
+                        w: Tensor::cat(&[&q.w, &k.w, &v.w], 0)?,
+                        b: Tensor::cat(&[&q.b, &k.b, &v.b], 0)?,
+                    }
+                },
                 attn_out: dense(&format!("{l}.attention.output.dense"), h, h)?,
                 attn_norm: norm(&format!("{l}.attention.output.LayerNorm"))?,
                 ffn_in: dense(&format!("{l}.intermediate.dense"), ff, h)?,
@@ -343,9 +349,10 @@ impl Embedder {
                     .transpose(1, 2)?
                     .contiguous()
             };
-            let q = split(l.q.forward(&x)?)?;
-            let k = split(l.k.forward(&x)?)?;
-            let v = split(l.v.forward(&x)?)?;
+            let qkv = l.qkv.forward(&x)?;
+            let q = split(qkv.narrow(2, 0, self.dims)?)?;
+            let k = split(qkv.narrow(2, self.dims, self.dims)?)?;
+            let v = split(qkv.narrow(2, 2 * self.dims, self.dims)?)?;
             let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let a = probs

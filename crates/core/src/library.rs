@@ -70,22 +70,31 @@ pub struct Library {
     pub repairs: Vec<String>,
 }
 
-/// Records the active base model and embedder in `dir` (validating both), keeping any
-/// retrieval defaults already set. `base_id` overrides the identity read from the base's
-/// metadata.
+/// Records the active base model and embedder in `dir` (validating both). `retrieval` replaces
+/// the retrieval defaults; `None` keeps those already set. `base_id` overrides the identity read
+/// from the base's metadata.
 pub fn init(
     dir: &Path,
     base_path: &Path,
     embedder_path: &Path,
     base_id: Option<&str>,
+    retrieval: Option<config::RetrievalDefaults>,
 ) -> Result<Settings> {
     let base = inspect_base(base_path)?;
     Embedder::identify(embedder_path)?;
-    let retrieval = match Settings::load(dir) {
-        Ok(old) => old.retrieval,
-        Err(SettingsError::Missing { .. }) => Default::default(),
-        Err(e) => return Err(e.into()),
+    let retrieval = match (retrieval, Settings::load(dir)) {
+        (Some(r), _) => r,
+        (None, Ok(old)) => old.retrieval,
+        (None, Err(SettingsError::Missing { .. })) => Default::default(),
+        (None, Err(e)) => return Err(e.into()),
     };
+    if retrieval.k == 0 || retrieval.k > config::MAX_K {
+        return Err(LibraryError::Invalid(format!(
+            "k = {} must be within 1..={}",
+            retrieval.k,
+            config::MAX_K
+        )));
+    }
     let settings = Settings {
         base_path: absolute(base_path)?,
         base_id: base_id
