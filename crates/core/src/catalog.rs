@@ -476,25 +476,8 @@ impl Catalog {
         samples: &[Sample],
         embedding: Option<&Embedding>,
     ) -> Result<AdapterRecord> {
-        if let Some(s) = samples.iter().find(|s| s.text.trim().is_empty()) {
-            return Err(CatalogError::Invalid(format!(
-                "sample {:?} is empty",
-                s.text
-            )));
-        }
-        let path = self.path.clone();
-        let wrap = |source| CatalogError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let tx = self.conn.transaction().map_err(wrap)?;
-        let key = insert_adapter(&tx, new).map_err(wrap)?;
-        insert_samples(&tx, key, samples).map_err(wrap)?;
-        if let Some(e) = embedding {
-            upsert_embedding(&tx, key, e).map_err(wrap)?;
-        }
-        tx.commit().map_err(wrap)?;
-        self.adapter_by_key(key as u64)?
+        let keys = self.add_adapters(&[(new.clone(), samples.to_vec(), embedding.cloned())])?;
+        self.adapter_by_key(keys[0])?
             .ok_or_else(|| CatalogError::NoAdapter(new.id.clone()))
     }
 
@@ -508,6 +491,16 @@ impl Catalog {
             path: path.clone(),
             source,
         };
+        if let Some(s) = items
+            .iter()
+            .flat_map(|i| &i.1)
+            .find(|s| s.text.trim().is_empty())
+        {
+            return Err(CatalogError::Invalid(format!(
+                "sample {:?} is empty",
+                s.text
+            )));
+        }
         let tx = self.conn.transaction().map_err(wrap)?;
         let mut keys = Vec::with_capacity(items.len());
         for (new, samples, embedding) in items {

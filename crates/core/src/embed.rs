@@ -114,18 +114,24 @@ pub struct Embedder {
     device: Device,
 }
 
+/// `config.json` of the encoder in `dir`: its path, text and parsed form.
+fn read_config(dir: &Path) -> Result<(std::path::PathBuf, String, BertConfig)> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| EmbedError::Config {
+        file: cfg_path.clone(),
+        message: format!("cannot read: {e}"),
+    })?;
+    let cfg: BertConfig = serde_json::from_str(&text).map_err(|e| EmbedError::Config {
+        file: cfg_path.clone(),
+        message: format!("not a valid BERT config.json: {e}"),
+    })?;
+    Ok((cfg_path, text, cfg))
+}
+
 impl Embedder {
     /// Loads a sentence-transformers folder (config.json, model.safetensors, tokenizer.json).
     pub fn load(dir: &Path) -> Result<Self> {
-        let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| EmbedError::Config {
-            file: cfg_path.clone(),
-            message: format!("cannot read: {e}"),
-        })?;
-        let cfg: BertConfig = serde_json::from_str(&text).map_err(|e| EmbedError::Config {
-            file: cfg_path.clone(),
-            message: format!("not a valid BERT config.json: {e}"),
-        })?;
+        let (cfg_path, _, cfg) = read_config(dir)?;
         let bad = |message: String| EmbedError::Config {
             file: cfg_path.clone(),
             message,
@@ -230,15 +236,7 @@ impl Embedder {
     /// config and a fingerprint of the weights, without loading them: `<name>:<dims>:<hash>`.
     /// Two folders with different weights get different ids, so embeddings never mix.
     pub fn identify(dir: &Path) -> Result<(String, usize)> {
-        let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| EmbedError::Config {
-            file: cfg_path.clone(),
-            message: format!("cannot read: {e}"),
-        })?;
-        let cfg: BertConfig = serde_json::from_str(&text).map_err(|e| EmbedError::Config {
-            file: cfg_path.clone(),
-            message: format!("not a valid BERT config.json: {e}"),
-        })?;
+        let (_, text, cfg) = read_config(dir)?;
         let mut name = dir
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
@@ -249,13 +247,8 @@ impl Embedder {
         {
             name = parent.to_string_lossy().to_string();
         }
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut mix = |bytes: &[u8]| {
-            for &b in bytes {
-                h ^= b as u64;
-                h = h.wrapping_mul(0x0100_0000_01b3);
-            }
-        };
+        let mut h = crate::files::Fnv1a::default();
+        let mut mix = |bytes: &[u8]| h.update(bytes);
         mix(text.as_bytes());
         let weights = dir.join("model.safetensors");
         if let Ok(mut f) = std::fs::File::open(&weights) {
@@ -275,7 +268,7 @@ impl Embedder {
             }
         }
         Ok((
-            format!("{name}:{}:{:08x}", cfg.hidden_size, h as u32),
+            format!("{name}:{}:{:08x}", cfg.hidden_size, h.finish() as u32),
             cfg.hidden_size,
         ))
     }

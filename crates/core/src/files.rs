@@ -53,3 +53,25 @@ pub fn copy_dir_files(src: &Path, dst: &Path) -> std::io::Result<u64> {
     }
     Ok(total)
 }
+
+/// FNV-1a (64-bit): a fast checksum for detecting damaged or different files, not for security.
+pub struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv1a {
+    pub fn update(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= b as u64;
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}

@@ -366,10 +366,7 @@ fn prepare(scoring: Scoring, v: &[f32]) -> Vec<f32> {
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    let mut h = files::Fnv1a::default();
+    h.update(bytes);
+    h.finish()
 }
