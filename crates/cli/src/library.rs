@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use ramole_core::catalog::AdapterRecord;
+use ramole_core::catalog::{AdapterRecord, SampleOrigin};
 use ramole_core::chat::{self, ChatRequest, PlanChoice};
 use ramole_core::config;
 use ramole_core::embed::Embedder;
@@ -72,6 +72,35 @@ pub(crate) enum AdapterCommand {
     Disable { id: String },
     /// Delete the adapter's files and records.
     Remove { id: String },
+    /// Install an adapter from the Hugging Face Hub: `org/name[@revision]`.
+    Install {
+        repo: String,
+        /// The folder of the adapter inside the repository (default: found from the files).
+        #[arg(long)]
+        subfolder: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        /// Refuse weights larger than this many bytes.
+        #[arg(long, default_value_t = ramole_core::hub::DEFAULT_MAX_FILE_BYTES)]
+        max_bytes: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an adapter's sample inputs, or replace them (`--set`, origin `user`) and re-embed.
+    Samples {
+        id: String,
+        /// JSON lines with `input`/`inputs`.
+        #[arg(long)]
+        set: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Update a Hub adapter to the newest commit of its revision.
+    Update {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -173,7 +202,7 @@ pub(crate) struct EvalRetrievalArgs {
     json: bool,
 }
 
-fn open() -> Result<Library> {
+pub(crate) fn open() -> Result<Library> {
     let dir = config::data_dir();
     let lib = Library::open(&dir).with_context(|| format!("opening {}", dir.display()))?;
     for r in &lib.repairs {
@@ -220,7 +249,7 @@ pub(crate) fn run_init(a: InitArgs) -> Result<()> {
     Ok(())
 }
 
-fn adapter_json(
+pub(crate) fn adapter_json(
     lib: &Library,
     rec: &AdapterRecord,
     with_samples: bool,
@@ -236,8 +265,22 @@ fn adapter_json(
 }
 
 pub(crate) fn run_adapter(cmd: AdapterCommand) -> Result<()> {
+    match cmd {
+        AdapterCommand::Install {
+            repo,
+            subfolder,
+            name,
+            max_bytes,
+            json,
+        } => return crate::hub::run_install(&repo, subfolder, name, max_bytes, json),
+        AdapterCommand::Update { id, json } => return crate::hub::run_update(&id, json),
+        _ => {}
+    }
     let mut lib = open()?;
     match cmd {
+        AdapterCommand::Install { .. } | AdapterCommand::Update { .. } => {
+            unreachable!("handled above")
+        }
         AdapterCommand::Add {
             dir,
             samples,
@@ -308,6 +351,21 @@ pub(crate) fn run_adapter(cmd: AdapterCommand) -> Result<()> {
         AdapterCommand::Remove { id } => {
             lib.remove(&id)?;
             println!("removed {id}");
+        }
+        AdapterCommand::Samples { id, set, json } => {
+            if let Some(file) = set {
+                let samples = library::read_samples(&file, SampleOrigin::User)?;
+                lib.set_samples(&id, &samples)?;
+            }
+            let rec = lib.catalog().require_adapter(&id)?;
+            let samples = lib.catalog().samples(rec.key)?;
+            if json {
+                println!("{}", json!({ "id": id, "samples": samples }));
+            } else {
+                for s in samples {
+                    println!("[{}] {}", s.origin.as_str(), s.text);
+                }
+            }
         }
     }
     Ok(())

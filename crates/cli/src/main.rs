@@ -2,6 +2,7 @@
 //! Errors go to stderr with a non-zero exit status; `--json` prints exactly one JSON object.
 
 mod bench;
+mod hub;
 mod library;
 mod retrieval_bench;
 
@@ -42,6 +43,12 @@ enum Command {
     /// Installed adapters: add, list, show, enable, disable, remove.
     #[command(subcommand)]
     Adapter(library::AdapterCommand),
+    /// The Hugging Face Hub: search adapters for a base, inspect a repository.
+    #[command(subcommand)]
+    Hub(hub::HubCommand),
+    /// Base models and embedders from the Hub.
+    #[command(subcommand)]
+    Model(hub::ModelCommand),
     /// The adapters retrieval picks for a message, with scores and gates.
     Retrieve(library::RetrieveArgs),
     /// Answer a message with retrieved adapters and store the exchange with its provenance.
@@ -211,6 +218,8 @@ fn main() -> ExitCode {
         Command::Logits(a) => run_logits(a),
         Command::Init(a) => library::run_init(a),
         Command::Adapter(c) => library::run_adapter(c),
+        Command::Hub(c) => hub::run_hub(c),
+        Command::Model(c) => hub::run_model(c),
         Command::Retrieve(a) => library::run_retrieve(a),
         Command::Chat(a) => library::run_chat(a),
         Command::Session(c) => library::run_session(c),

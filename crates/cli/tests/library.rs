@@ -1,9 +1,10 @@
 //! The adapter library, retrieval and chat through the `ramole` binary with all state under a
 //! temporary `$RAMOLE_HOME`: real SQLite, real usearch, the real MiniLM and SmolLM2.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use ramole_core::model::{LoadOptions, Model};
 use serde_json::{Value, json};
@@ -57,21 +58,11 @@ impl Home {
     }
 
     fn json(&self, args: &[&str]) -> Value {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "ramole {args:?}: exit {:?}, stderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8(out.stdout).unwrap();
-        serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"))
+        common::json_of(self.run(args), args)
     }
 
     fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(!out.status.success(), "ramole {args:?} should fail");
-        String::from_utf8(out.stderr).unwrap()
+        common::failure_of(self.run(args), args)
     }
 
     fn ids(&self) -> Vec<String> {
@@ -381,32 +372,14 @@ fn bad_adapters_and_sample_files_are_refused_and_leave_nothing() {
 
 /// Runs `ramole adapter add` until it reaches `point`, then SIGKILLs it.
 fn kill_at(home: &Home, ad: &Adapters, name: &str, point: &str) {
-    let mut child = home
-        .cmd(&[
-            "adapter",
-            "add",
-            &ad.dir(name),
-            "--samples",
-            ad.samples(name).to_str().unwrap(),
-        ])
-        .env("RAMOLE_FAIL_POINT", point)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut reached = false;
-    for line in BufReader::new(stderr).lines() {
-        let line = line.unwrap();
-        if line.contains(&format!("fail point {point} reached")) {
-            reached = true;
-            break;
-        }
-    }
-    assert!(reached, "the process ended before fail point {point}");
-    child.kill().unwrap(); // SIGKILL
-    let status = child.wait().unwrap();
-    assert!(!status.success());
+    let cmd = home.cmd(&[
+        "adapter",
+        "add",
+        &ad.dir(name),
+        "--samples",
+        ad.samples(name).to_str().unwrap(),
+    ]);
+    common::kill_at(cmd, point);
 }
 
 fn integrity_ok(home: &Home) {

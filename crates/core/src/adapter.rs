@@ -72,6 +72,7 @@ struct RawConfig {
     base_model_name_or_path: Option<String>,
     #[serde(default)]
     lora_bias: bool,
+    task_type: Option<String>,
 }
 
 impl LoraConfig {
@@ -88,6 +89,11 @@ impl LoraConfig {
         {
             return Err(bad(format!(
                 "peft_type = {t:?}: only LORA adapters are supported"
+            )));
+        }
+        if let Some(t) = raw.task_type.as_deref().filter(|t| *t != "CAUSAL_LM") {
+            return Err(bad(format!(
+                "task_type = {t:?}: only CAUSAL_LM (text generation) adapters are supported"
             )));
         }
         if raw.use_dora {
@@ -294,6 +300,8 @@ pub struct AdapterSummary {
     pub ranks: Vec<usize>,
     /// Module names it adapts (`q_proj`, `v_proj`, ...), in decoder order.
     pub modules: Vec<String>,
+    /// Parameters of all its factors (Σ r·(in+out) over its sites).
+    pub params: u64,
     /// Bytes of the adapter's files.
     pub bytes_on_disk: u64,
 }
@@ -304,7 +312,74 @@ pub struct AdapterSummary {
 pub fn inspect(dir: &Path, cfg: &ModelConfig) -> Result<AdapterSummary> {
     let (config, st_path, bytes) = read_files(dir)?;
     let st = parse_safetensors(&bytes, &st_path)?;
-    let pairs = pair_sites(&st, &st_path, &config, cfg)?;
+    let cfg_bytes = std::fs::metadata(dir.join("adapter_config.json")).map_or(0, |m| m.len());
+    summarize(
+        config,
+        &shapes_of(&st),
+        &st_path,
+        cfg,
+        bytes.len() as u64 + cfg_bytes,
+    )
+}
+
+/// [`inspect`] from the parts a remote check has: the config's text and the tensor shapes
+/// from the safetensors header (`file` names the source in errors).
+pub fn inspect_header(
+    config_text: &str,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    file: &Path,
+    cfg: &ModelConfig,
+    bytes_on_disk: u64,
+) -> Result<AdapterSummary> {
+    let config = LoraConfig::parse(config_text, file)?;
+    summarize(config, shapes, file, cfg, bytes_on_disk)
+}
+
+/// Tensor names and shapes from a safetensors header: the JSON after the 8-byte length.
+pub fn header_shapes(header_json: &[u8], file: &Path) -> Result<BTreeMap<String, Vec<usize>>> {
+    let bad = |message: String| AdapterError::Invalid {
+        file: file.to_path_buf(),
+        message,
+    };
+    let v: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header_json)
+        .map_err(|e| bad(format!("not a valid safetensors header: {e}")))?;
+    let mut out = BTreeMap::new();
+    for (name, t) in v {
+        if name == "__metadata__" {
+            continue;
+        }
+        let shape: Vec<usize> = t
+            .get("shape")
+            .and_then(|s| serde_json::from_value(s.clone()).ok())
+            .ok_or_else(|| bad(format!("{name}: no shape in the header")))?;
+        out.insert(name, shape);
+    }
+    Ok(out)
+}
+
+fn shapes_of(st: &SafeTensors<'_>) -> BTreeMap<String, Vec<usize>> {
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().to_vec()))
+        .collect()
+}
+
+/// Parameters of the adapter (sum over sites of r·(in+out)).
+fn summarize(
+    config: LoraConfig,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    file: &Path,
+    cfg: &ModelConfig,
+    bytes_on_disk: u64,
+) -> Result<AdapterSummary> {
+    let pairs = pair_sites(shapes, file, &config, cfg)?;
+    let params = pairs
+        .iter()
+        .map(|(site, (_, _, r))| {
+            let (o, i) = cfg.linear_shape(site.kind);
+            r * (o + i)
+        })
+        .sum::<usize>() as u64;
     let mut ranks: Vec<usize> = pairs.values().map(|p| p.2).collect();
     ranks.sort_unstable();
     ranks.dedup();
@@ -313,13 +388,13 @@ pub fn inspect(dir: &Path, cfg: &ModelConfig) -> Result<AdapterSummary> {
         .filter(|k| pairs.keys().any(|s| s.kind == *k))
         .map(|k| k.hf_name().to_string())
         .collect();
-    let cfg_bytes = std::fs::metadata(dir.join("adapter_config.json")).map_or(0, |m| m.len());
     Ok(AdapterSummary {
         sites: pairs.len(),
         base_sites: cfg.num_layers * SiteKind::ALL.len(),
         ranks,
         modules,
-        bytes_on_disk: bytes.len() as u64 + cfg_bytes,
+        params,
+        bytes_on_disk,
         config,
     })
 }
@@ -401,7 +476,7 @@ fn parse_key(key: &str) -> std::result::Result<(usize, SiteKind, bool), String> 
 /// base's layers and linear shapes (from the tensor headers; no data is read). Returns each site
 /// with its keys and rank.
 fn pair_sites(
-    st: &SafeTensors<'_>,
+    shapes: &BTreeMap<String, Vec<usize>>,
     file: &Path,
     config: &LoraConfig,
     cfg: &ModelConfig,
@@ -411,10 +486,8 @@ fn pair_sites(
         message,
     };
     let mut pairs: BTreeMap<Site, (Option<String>, Option<String>)> = BTreeMap::new();
-    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
-    names.sort();
     let layers = cfg.num_layers;
-    for key in &names {
+    for key in shapes.keys() {
         let (layer, kind, is_a) = parse_key(key).map_err(|m| bad(format!("{key}: {m}")))?;
         if layer >= layers {
             return Err(bad(format!(
@@ -441,8 +514,7 @@ fn pair_sites(
         let (rank, _) = config.rank_and_scale(&path);
         let (out_f, in_f) = cfg.linear_shape(site.kind);
         let shape2 = |key: &str| -> Result<(usize, usize)> {
-            let view = st.tensor(key).map_err(|e| bad(format!("{key}: {e}")))?;
-            match view.shape() {
+            match shapes[key].as_slice() {
                 [a, b] => Ok((*a, *b)),
                 other => Err(bad(format!(
                     "{key}: expected a matrix, found shape {other:?}"
@@ -482,7 +554,7 @@ fn fit_tensors(
         message,
     };
     let mut out = BTreeMap::new();
-    for (site, (a_key, b_key, _)) in pair_sites(st, file, config, cfg)? {
+    for (site, (a_key, b_key, _)) in pair_sites(&shapes_of(st), file, config, cfg)? {
         let (_, scale) = config.rank_and_scale(&site.hf_path());
         let a = read_f32(st, &a_key, file)?;
         let b = read_f32(st, &b_key, file)?;

@@ -141,6 +141,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER embeddings_del AFTER DELETE ON embeddings BEGIN
         UPDATE meta SET value = value + 1 WHERE key = 'index_generation'; END;
     "#,
+    // 2: the folder of a Hub adapter inside its repository.
+    r#"
+    ALTER TABLE adapters ADD COLUMN hub_subfolder TEXT;
+    "#,
 ];
 
 /// The schema version a fresh catalog is migrated to.
@@ -154,6 +158,9 @@ pub enum AdapterSource {
         repo: String,
         revision: String,
         commit: Option<String>,
+        /// The adapter's folder inside the repository (`None`: the root).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subfolder: Option<String>,
     },
     Local {
         path: PathBuf,
@@ -621,16 +628,44 @@ impl Catalog {
             source,
         };
         let tx = self.conn.transaction().map_err(wrap)?;
-        tx.execute("DELETE FROM samples WHERE adapter_key = ?1", [key as i64])
-            .map_err(wrap)?;
+        replace_samples_in(&tx, key as i64, samples, embedding).map_err(wrap)?;
+        tx.commit().map_err(wrap)
+    }
+
+    /// Replaces what an installed adapter is (an update to a new commit): every field of
+    /// `new` but the id, which stays, and the enabled flag; samples and the profile are
+    /// replaced when given. One transaction.
+    pub fn update_adapter(
+        &mut self,
+        id: &str,
+        new: &NewAdapter,
+        samples: Option<(&[Sample], &Embedding)>,
+    ) -> Result<AdapterRecord> {
+        let rec = self.require_adapter(id)?;
+        let path = self.path.clone();
+        let wrap = |source| CatalogError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let mut values = adapter_values(new);
+        values[0] = rusqlite::types::Value::from(id.to_string());
+        let tx = self.conn.transaction().map_err(wrap)?;
+        // The id (?1) selects the row; every other column takes the new value.
         tx.execute(
-            "DELETE FROM embeddings WHERE adapter_key = ?1",
-            [key as i64],
+            "UPDATE adapters SET name = ?2, source_kind = ?3, hub_repo = ?4, hub_revision = ?5,
+                hub_commit = ?6, local_path = ?7, base_model = ?8, architecture = ?9, ranks = ?10,
+                alpha = ?11, target_modules = ?12, size_bytes = ?13, license = ?14,
+                card_summary = ?15, compat = ?16, compat_reason = ?17, compat_base = ?18,
+                hub_subfolder = ?19
+             WHERE id = ?1",
+            rusqlite::params_from_iter(values),
         )
         .map_err(wrap)?;
-        insert_samples(&tx, key as i64, samples).map_err(wrap)?;
-        upsert_embedding(&tx, key as i64, embedding).map_err(wrap)?;
-        tx.commit().map_err(wrap)
+        if let Some((samples, embedding)) = samples {
+            replace_samples_in(&tx, rec.key as i64, samples, embedding).map_err(wrap)?;
+        }
+        tx.commit().map_err(wrap)?;
+        self.require_adapter(id)
     }
 
     pub fn put_embedding(&mut self, key: u64, embedding: &Embedding) -> Result<()> {
@@ -890,7 +925,7 @@ impl Catalog {
 
 const ADAPTER_COLUMNS: &str = "key, id, name, source_kind, hub_repo, hub_revision, hub_commit, \
     local_path, base_model, architecture, ranks, alpha, target_modules, size_bytes, license, \
-    card_summary, compat, compat_reason, compat_base, enabled, installed_at";
+    card_summary, compat, compat_reason, compat_base, enabled, installed_at, hub_subfolder";
 
 fn adapter_from_row(r: &Row<'_>) -> rusqlite::Result<AdapterRecord> {
     let json_err = |i: usize, e: serde_json::Error| {
@@ -903,6 +938,7 @@ fn adapter_from_row(r: &Row<'_>) -> rusqlite::Result<AdapterRecord> {
                 .get::<_, Option<String>>(5)?
                 .unwrap_or_else(|| "main".into()),
             commit: r.get(6)?,
+            subfolder: r.get(21)?,
         },
         _ => AdapterSource::Local {
             path: PathBuf::from(r.get::<_, String>(7)?),
@@ -970,53 +1006,94 @@ fn insert_message(
     Ok(id)
 }
 
-fn insert_adapter(conn: &Connection, new: &NewAdapter) -> rusqlite::Result<i64> {
-    let (hub_repo, hub_revision, hub_commit, local_path) = match &new.source {
+/// The source columns of a new adapter row: kind, hub repo, revision, commit, subfolder,
+/// local path.
+type SourceColumns = (
+    &'static str,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+fn source_columns(source: &AdapterSource) -> SourceColumns {
+    match source {
         AdapterSource::Hub {
             repo,
             revision,
             commit,
+            subfolder,
         } => (
+            "hub",
             Some(repo.clone()),
             Some(revision.clone()),
             commit.clone(),
+            subfolder.clone(),
             None,
         ),
-        AdapterSource::Local { path } => {
-            (None, None, None, Some(path.to_string_lossy().to_string()))
-        }
-    };
-    let source_kind = match new.source {
-        AdapterSource::Hub { .. } => "hub",
-        AdapterSource::Local { .. } => "local",
-    };
+        AdapterSource::Local { path } => (
+            "local",
+            None,
+            None,
+            None,
+            None,
+            Some(path.to_string_lossy().to_string()),
+        ),
+    }
+}
+
+/// The adapters columns of `new`, in the order of [`insert_adapter`]'s `?1..?19`.
+fn adapter_values(new: &NewAdapter) -> Vec<rusqlite::types::Value> {
+    use rusqlite::types::Value;
+    let (source_kind, hub_repo, hub_revision, hub_commit, hub_subfolder, local_path) =
+        source_columns(&new.source);
+    vec![
+        Value::from(new.id.clone()),
+        Value::from(new.name.clone()),
+        Value::from(source_kind.to_string()),
+        Value::from(hub_repo),
+        Value::from(hub_revision),
+        Value::from(hub_commit),
+        Value::from(local_path),
+        Value::from(new.base_model.clone()),
+        Value::from(new.architecture.clone()),
+        Value::from(serde_json::to_string(&new.ranks).expect("ranks serialise")),
+        Value::from(new.alpha),
+        Value::from(serde_json::to_string(&new.target_modules).expect("modules serialise")),
+        Value::from(new.size_bytes as i64),
+        Value::from(new.license.clone()),
+        Value::from(new.card_summary.clone()),
+        Value::from(new.verdict.compat.as_str().to_string()),
+        Value::from(new.verdict.reason.clone()),
+        Value::from(new.verdict.base.clone()),
+        Value::from(hub_subfolder),
+    ]
+}
+
+fn insert_adapter(conn: &Connection, new: &NewAdapter) -> rusqlite::Result<i64> {
     conn.execute(
         "INSERT INTO adapters (id, name, source_kind, hub_repo, hub_revision, hub_commit,
             local_path, base_model, architecture, ranks, alpha, target_modules, size_bytes,
-            license, card_summary, compat, compat_reason, compat_base)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
-        params![
-            new.id,
-            new.name,
-            source_kind,
-            hub_repo,
-            hub_revision,
-            hub_commit,
-            local_path,
-            new.base_model,
-            new.architecture,
-            serde_json::to_string(&new.ranks).expect("ranks serialise"),
-            new.alpha,
-            serde_json::to_string(&new.target_modules).expect("modules serialise"),
-            new.size_bytes as i64,
-            new.license,
-            new.card_summary,
-            new.verdict.compat.as_str(),
-            new.verdict.reason,
-            new.verdict.base,
-        ],
+            license, card_summary, compat, compat_reason, compat_base, hub_subfolder)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+        rusqlite::params_from_iter(adapter_values(new)),
     )?;
     Ok(conn.last_insert_rowid())
+}
+
+/// Replaces an adapter's samples and its embeddings (under every embedder) by `samples` and
+/// their profile.
+fn replace_samples_in(
+    conn: &Connection,
+    key: i64,
+    samples: &[Sample],
+    embedding: &Embedding,
+) -> rusqlite::Result<()> {
+    conn.execute("DELETE FROM samples WHERE adapter_key = ?1", [key])?;
+    conn.execute("DELETE FROM embeddings WHERE adapter_key = ?1", [key])?;
+    insert_samples(conn, key, samples)?;
+    upsert_embedding(conn, key, embedding)
 }
 
 fn insert_samples(conn: &Connection, key: i64, samples: &[Sample]) -> rusqlite::Result<()> {

@@ -63,6 +63,82 @@ pub struct Settings {
     pub embedder_path: PathBuf,
     #[serde(default)]
     pub retrieval: RetrievalDefaults,
+    /// Hub settings that override the environment.
+    #[serde(default, skip_serializing_if = "HubOverrides::is_empty")]
+    pub hub: HubOverrides,
+}
+
+/// Hub settings stored in `settings.json`; each one set wins over the environment.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HubOverrides {
+    pub endpoint: Option<String>,
+    pub cache_dir: Option<PathBuf>,
+    pub offline: Option<bool>,
+}
+
+impl HubOverrides {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Where and how to reach the Hugging Face Hub, resolved as Python's `huggingface_hub` does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HubConfig {
+    /// `https://huggingface.co` unless `HF_ENDPOINT` or the settings say otherwise (no trailing `/`).
+    pub endpoint: String,
+    /// `HF_TOKEN`, else the file `HF_TOKEN_PATH`, else `$HF_HOME/token`.
+    pub token: Option<String>,
+    /// `HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+    pub cache_dir: PathBuf,
+    /// `HF_HUB_OFFLINE=1`: only the cache is used.
+    pub offline: bool,
+}
+
+/// The Hub configuration from the environment, with the settings' overrides applied.
+pub fn hub_config(overrides: &HubOverrides) -> HubConfig {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let hf_home = var("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
+        var("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(dirs::cache_dir)
+            .unwrap_or_else(|| PathBuf::from(".cache"))
+            .join("huggingface")
+    });
+    let token = var("HF_TOKEN")
+        .or_else(|| {
+            let file = var("HF_TOKEN_PATH")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| hf_home.join("token"));
+            std::fs::read_to_string(file).ok()
+        })
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty());
+    let truthy = |v: String| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
+    };
+    HubConfig {
+        endpoint: overrides
+            .endpoint
+            .clone()
+            .or_else(|| var("HF_ENDPOINT"))
+            .unwrap_or_else(|| "https://huggingface.co".into())
+            .trim_end_matches('/')
+            .to_string(),
+        token,
+        cache_dir: overrides
+            .cache_dir
+            .clone()
+            .or_else(|| var("HF_HUB_CACHE").map(PathBuf::from))
+            .unwrap_or_else(|| hf_home.join("hub")),
+        offline: overrides
+            .offline
+            .unwrap_or_else(|| var("HF_HUB_OFFLINE").is_some_and(truthy)),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

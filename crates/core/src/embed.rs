@@ -247,6 +247,14 @@ impl Embedder {
         {
             name = parent.to_string_lossy().to_string();
         }
+        // A Hub cache snapshot (`models--org--name/snapshots/<commit>`): the repository names it.
+        let mut up = dir.ancestors().skip(1).filter_map(|p| p.file_name());
+        if let (Some(snapshots), Some(repo)) = (up.next(), up.next())
+            && snapshots == "snapshots"
+            && let Some(r) = repo.to_string_lossy().strip_prefix("models--")
+        {
+            name = r.rsplit("--").next().unwrap_or(r).to_string();
+        }
         let mut h = crate::files::Fnv1a::default();
         let mut mix = |bytes: &[u8]| h.update(bytes);
         mix(text.as_bytes());

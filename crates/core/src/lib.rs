@@ -7,6 +7,7 @@ pub mod chat;
 pub mod config;
 pub mod embed;
 pub mod files;
+pub mod hub;
 pub mod index;
 pub mod library;
 pub mod model;

