@@ -152,6 +152,7 @@ fn search_install_chat_update_and_pull_through_the_cli() {
     assert_eq!(found[1]["compatible"], true);
     assert_eq!(found[1]["license"], "mit");
     assert!(found[1]["cost"]["memory_bytes"].as_u64().unwrap() > 0);
+    assert!(found[1]["size"].as_u64().unwrap() > found[1]["cost"]["params"].as_u64().unwrap());
     // Free text narrows the search.
     let math = env.json(&["hub", "search", "--query", "math", "--json"]);
     assert_eq!(math.as_array().unwrap().len(), 1);
@@ -241,6 +242,12 @@ fn search_install_chat_update_and_pull_through_the_cli() {
     assert_eq!(r["adapters"][0]["id"], ma_id.as_str());
     let c = env.json(&["hub", "config", "--reset", "--json"]);
     assert_eq!(c["offline"], false);
+    assert_eq!(c["token"], false);
+    // The token file Python's `huggingface-cli login` writes is read.
+    std::fs::create_dir_all(env.home.path().join("hf-home")).unwrap();
+    std::fs::write(env.home.path().join("hf-home/token"), "hf_abc\n").unwrap();
+    assert_eq!(env.json(&["hub", "config", "--json"])["token"], true);
+    std::fs::remove_file(env.home.path().join("hf-home/token")).unwrap();
 
     // A new commit on the Hub: update fetches it; a second update finds nothing new.
     let weights = |id: &str| {

@@ -301,6 +301,8 @@ pub fn judge_listing(
     match check_remote(client, &info.id, &rev, &folder, base) {
         Ok((summary, verdict)) => {
             hit.cost = Some(AdapterCost::of(summary.params, base.weight_bytes));
+            // Listings rarely carry file sizes; the adapter's own files are what installs.
+            hit.size = hit.size.or(Some(summary.bytes_on_disk));
             hit.ranks = summary.ranks;
             hit.target_modules = summary.modules;
             hit.declared_base = summary.config.base_model.or(hit.declared_base);
