@@ -100,3 +100,76 @@ fn a_bad_encoder_folder_is_refused_with_the_file_named() {
     let e = Embedder::load(dir.path()).err().unwrap().to_string();
     assert!(e.contains("model_type = \"roberta\""), "{e}");
 }
+
+/// Texts of every shape the packed path must handle: nothing, one word, a query, unicode, and
+/// a long text cut at 256 tokens.
+fn varied_texts() -> Vec<String> {
+    vec![
+        String::new(),
+        " ".into(),
+        "hi".into(),
+        "translate".into(),
+        "Please translate this sentence into French — it is about the movie (request 12).".into(),
+        "Über naïve café: 東京タワー, Ελληνικά, русский, emoji 🚀🎉 and math ∑ x² ≤ ∞".into(),
+        "How many legs does a spider have? Answer with one number.".into(),
+        "the quick brown fox jumps over the lazy dog ".repeat(40),
+    ]
+}
+
+#[test]
+fn the_packed_path_matches_the_candle_reference() {
+    let e = minilm();
+    let texts = varied_texts();
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    assert_eq!(e.tokens(texts[0]).unwrap().len(), 2);
+    assert_eq!(e.tokens(texts[7]).unwrap().len(), 256);
+    let reference = e.embed_reference(&texts).unwrap();
+    let packed = e.embed_packed(&texts).unwrap();
+    let mut worst = 0f32;
+    for ((text, r), p) in texts.iter().zip(&reference).zip(&packed) {
+        assert_eq!(p.len(), 384);
+        let diff = r
+            .iter()
+            .zip(p)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff <= 1e-5, "{text:?}: max |diff| {diff}");
+        worst = worst.max(diff);
+    }
+    eprintln!("packed vs candle: max |diff| {worst:e}");
+    // `embed` takes the packed path for one text and must agree with it exactly.
+    for (text, p) in texts.iter().zip(&packed) {
+        assert_eq!(&e.embed(&[text]).unwrap()[0], p);
+    }
+    // And the reference path for a large batch.
+    let many: Vec<&str> = texts.iter().cycle().take(20).copied().collect();
+    let batched = e.embed(&many).unwrap();
+    assert_eq!(
+        batched[..texts.len()],
+        e.embed_reference(&many).unwrap()[..texts.len()]
+    );
+}
+
+#[test]
+fn f16_packed_weights_stay_within_their_documented_tolerance() {
+    let dir = ramole_core::config::minilm_dir();
+    let e = Embedder::load_with(&dir, ramole_core::embed::WeightPrecision::F16).unwrap();
+    let texts = varied_texts();
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let reference = e.embed_reference(&texts).unwrap();
+    let half = e.embed_packed(&texts).unwrap();
+    let mut worst = 0f32;
+    for ((text, r), h) in texts.iter().zip(&reference).zip(&half) {
+        let diff = r
+            .iter()
+            .zip(h)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff <= 5e-4, "{text:?}: max |diff| {diff}");
+        assert!(cosine(r, h) > 0.9999, "{text:?}");
+        worst = worst.max(diff);
+    }
+    // The f16 weights do change the result (else this test checks nothing).
+    assert!(worst > 0.0);
+    eprintln!("f16 packed vs candle: max |diff| {worst:e}");
+}

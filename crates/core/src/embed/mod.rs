@@ -2,6 +2,14 @@
 //! mean pooling over the real tokens, L2 normalisation. Batched (padded, with an attention mask)
 //! and deterministic. Texts are truncated at 256 tokens (never beyond the model's positions);
 //! the tokenizer file's own fixed padding and truncation are replaced.
+//!
+//! Two implementations of the same forward: the candle one here (the reference, and the one
+//! used for large batches, where its big GEMMs pay off) and [`packed`], a hand-written path
+//! for one sequence at a time that a query's latency depends on.
+
+mod activation;
+mod gemm;
+mod packed;
 
 use std::path::Path;
 
@@ -9,9 +17,16 @@ use candle_core::{D, DType, Device, Tensor};
 use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
 
 use crate::model::{ModelError, WeightStore};
+pub use gemm::Precision as WeightPrecision;
+use gemm::{Isa, PackedMatrix, Precision};
+use packed::{NormParams, PackedEncoder, PackedLayer, Tables};
 
 /// Tokens kept per text: reproduces the paper's retrieval figures with MiniLM.
 pub const MAX_TOKENS: usize = 256;
+
+/// Up to this many texts, [`Embedder::embed`] runs the packed path text by text; larger
+/// batches go through candle's batched GEMMs.
+const PACKED_MAX_TEXTS: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
@@ -79,10 +94,30 @@ impl Dense {
     }
 }
 
+impl Dense {
+    /// The weight `[out, in]` and bias packed for the fast path.
+    fn packed(&self, precision: Precision) -> candle_core::Result<PackedMatrix> {
+        let (n, k) = self.w.dims2()?;
+        let w = self.w.flatten_all()?.to_vec1::<f32>()?;
+        let b = self.b.to_vec1::<f32>()?;
+        Ok(PackedMatrix::from_rows(&w, k, n, k, Some(&b)).with_precision(precision))
+    }
+}
+
 struct Norm {
     w: Tensor,
     b: Tensor,
     eps: f32,
+}
+
+impl Norm {
+    fn params(&self) -> candle_core::Result<NormParams> {
+        Ok(NormParams {
+            w: self.w.to_vec1()?,
+            b: self.b.to_vec1()?,
+            eps: self.eps,
+        })
+    }
 }
 
 impl Norm {
@@ -112,6 +147,37 @@ pub struct Embedder {
     heads: usize,
     dims: usize,
     device: Device,
+    packed: PackedEncoder,
+}
+
+/// The elements of a contiguous f32 tensor on the CPU, read in place (the embedding tables are
+/// shared with the reference path, not copied).
+struct TensorView<'a> {
+    storage: candle_core::StorageRef<'a>,
+    range: std::ops::Range<usize>,
+}
+
+impl<'a> TensorView<'a> {
+    fn new(t: &'a Tensor) -> candle_core::Result<Self> {
+        let (storage, layout) = t.storage_and_layout();
+        let start = layout.start_offset();
+        let range = start..start + layout.shape().elem_count();
+        let ok = layout.is_contiguous()
+            && matches!(&*storage, candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) if v.len() >= range.end);
+        if !ok {
+            return Err(candle_core::Error::Msg(
+                "embedding table is not a contiguous f32 CPU tensor".into(),
+            ));
+        }
+        Ok(Self { storage, range })
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        match &*self.storage {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => &v[self.range.clone()],
+            _ => unreachable!("checked in TensorView::new"),
+        }
+    }
 }
 
 /// `config.json` of the encoder in `dir`: its path, text and parsed form.
@@ -131,6 +197,13 @@ fn read_config(dir: &Path) -> Result<(std::path::PathBuf, String, BertConfig)> {
 impl Embedder {
     /// Loads a sentence-transformers folder (config.json, model.safetensors, tokenizer.json).
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_with(dir, WeightPrecision::F32)
+    }
+
+    /// [`Embedder::load`] with the packed path's weights stored at `precision`. F16 halves the
+    /// weight bytes streamed per text; it moves embeddings by up to ~2e-4 from the f32
+    /// reference (the tests allow 5e-4), so it is not the default.
+    pub fn load_with(dir: &Path, precision: WeightPrecision) -> Result<Self> {
         let (cfg_path, _, cfg) = read_config(dir)?;
         let bad = |message: String| EmbedError::Config {
             file: cfg_path.clone(),
@@ -206,6 +279,26 @@ impl Embedder {
             .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
         tokenizer.with_padding(None::<PaddingParams>);
         let (id, _) = Self::identify(dir)?;
+        let embed_norm = norm(&format!("{p}embeddings.LayerNorm"))?;
+        let packed = PackedEncoder {
+            layers: layers
+                .iter()
+                .map(|l| -> candle_core::Result<PackedLayer> {
+                    Ok(PackedLayer {
+                        qkv: l.qkv.packed(precision)?,
+                        attn_out: l.attn_out.packed(precision)?,
+                        attn_norm: l.attn_norm.params()?,
+                        ffn_in: l.ffn_in.packed(precision)?,
+                        ffn_out: l.ffn_out.packed(precision)?,
+                        ffn_norm: l.ffn_norm.params()?,
+                    })
+                })
+                .collect::<candle_core::Result<_>>()?,
+            embed_norm: embed_norm.params()?,
+            heads: cfg.num_attention_heads,
+            hidden: h,
+            isa: Isa::detect(),
+        };
         Ok(Self {
             id,
             tokenizer,
@@ -224,11 +317,12 @@ impl Embedder {
                 &[cfg.type_vocab_size, h],
                 &device,
             )?,
-            embed_norm: norm(&format!("{p}embeddings.LayerNorm"))?,
+            embed_norm,
             layers,
             heads: cfg.num_attention_heads,
             dims: h,
             device,
+            packed,
         })
     }
 
@@ -299,9 +393,34 @@ impl Embedder {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// L2-normalised embeddings of `texts`, one `dims`-vector each, in order. Texts are run in
-    /// batches of similar length.
+    /// L2-normalised embeddings of `texts`, one `dims`-vector each, in order. A few texts run
+    /// one by one on the packed path; more run through candle in batches of similar length.
     pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        if texts.len() <= PACKED_MAX_TEXTS {
+            self.embed_packed(texts)
+        } else {
+            self.embed_reference(texts)
+        }
+    }
+
+    /// [`Embedder::embed`] on the packed path only (each text alone).
+    pub fn embed_packed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let views = [&self.word, &self.position, &self.token_type].map(TensorView::new);
+        let [word, position, token_type] = views;
+        let (word, position, token_type) = (word?, position?, token_type?);
+        let tables = Tables {
+            word: word.as_slice(),
+            position: position.as_slice(),
+            token_type: &token_type.as_slice()[..self.dims],
+        };
+        texts
+            .iter()
+            .map(|t| Ok(self.packed.embed(&tables, &self.tokens(t)?)))
+            .collect()
+    }
+
+    /// [`Embedder::embed`] on the candle path only (the reference), in batches of 16.
+    pub fn embed_reference(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         let ids: Vec<Vec<u32>> = texts
             .iter()
             .map(|t| self.tokens(t))
@@ -375,5 +494,41 @@ impl Embedder {
             .clamp(1e-12, f64::MAX)?;
         let unit = mean.broadcast_div(&norm)?.to_dtype(DType::F32)?;
         Ok(unit.to_vec2()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The portable kernels (what a CPU without AVX2 runs) against the candle reference.
+    #[test]
+    fn the_portable_packed_path_matches_the_reference() {
+        let dir = crate::config::minilm_dir();
+        if !dir.join("model.safetensors").exists() {
+            panic!(
+                "test model missing: {} — run scripts/fetch-test-models.sh",
+                dir.display()
+            );
+        }
+        let mut e = Embedder::load(&dir).unwrap();
+        e.packed.isa = Isa::Portable;
+        let long = "a portable kernel check with some words ".repeat(8);
+        let texts = [
+            "",
+            "hi",
+            "Please summarize the article in one sentence.",
+            &long,
+        ];
+        let reference = e.embed_reference(&texts).unwrap();
+        for (text, r) in texts.iter().zip(&reference) {
+            let p = e.embed_packed(&[text]).unwrap().remove(0);
+            let diff = r
+                .iter()
+                .zip(&p)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff <= 1e-5, "{text:?}: max |diff| {diff}");
+        }
     }
 }
