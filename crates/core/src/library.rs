@@ -614,24 +614,9 @@ impl Library {
 /// the organisation and without format suffixes (`-GGUF`, `-Q4_K_M`, `-AWQ`, ...), so a
 /// quantized copy counts as its original but an instruct model does not count as its base.
 pub(crate) fn name_verdict(declared: Option<&str>, base: &str) -> Verdict {
-    // Quantized and converted copies carry the original's name plus a format suffix.
-    static COPY_SUFFIX: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
-        regex::Regex::new(
-            r"[-_.](gguf|ggml|q\d(_[a-z0-9]+)*|iq\d\w*|f16|fp16|bf16|f32|awq|gptq|int4|int8|bnb-4bit|4bit|8bit|mlx|exl2|onnx)$",
-        )
-        .expect("valid regex")
-    });
     let norm = |s: &str| {
-        let mut n = s
-            .trim_end_matches('/')
-            .rsplit('/')
-            .next()
-            .unwrap_or(s)
-            .to_ascii_lowercase();
-        while let Some(m) = COPY_SUFFIX.find(&n) {
-            n.truncate(m.start());
-        }
-        n
+        let last = s.trim_end_matches('/').rsplit('/').next().unwrap_or(s);
+        crate::model::strip_format_suffix(last).to_ascii_lowercase()
     };
     match declared.filter(|d| !d.trim().is_empty()) {
         Some(d) if norm(d) != norm(base) => Verdict {

@@ -462,3 +462,24 @@ fn long_prefill_on_quantized_weights_equals_the_dequantized_reference() {
         assert!(rel < 0.03, "position {i}: relative error {rel}");
     }
 }
+
+#[test]
+fn a_base_is_identified_by_its_repository_name() {
+    let gguf = ramole_core::config::smollm2_gguf();
+    assert!(
+        gguf.exists(),
+        "test models missing — run scripts/fetch-test-models.sh"
+    );
+    // general.name is a training-run label here; the file is named after the repository.
+    let info = ramole_core::model::inspect_base(&gguf).unwrap();
+    assert_eq!(info.id, "HuggingFaceTB/SmolLM2-135M-Instruct");
+    for (copy, original) in [
+        ("SmolLM2-135M-Instruct.Q4_1", "SmolLM2-135M-Instruct"),
+        ("SmolLM2-135M-Instruct-GGUF", "SmolLM2-135M-Instruct"),
+        ("Llama-3.2-1B-Instruct-Q4_K_M", "Llama-3.2-1B-Instruct"),
+        ("Qwen2.5-0.5B-Instruct-AWQ", "Qwen2.5-0.5B-Instruct"),
+        ("Mistral-7B-v0.1", "Mistral-7B-v0.1"),
+    ] {
+        assert_eq!(ramole_core::model::strip_format_suffix(copy), original);
+    }
+}

@@ -64,6 +64,16 @@ fn in_folder(folder: &str, file: &str) -> String {
     }
 }
 
+/// The library's active base as the verdicts see it.
+fn active_base<'a>(lib: &'a Library, equivalents: &'a [String]) -> BaseTarget<'a> {
+    BaseTarget {
+        id: &lib.settings().base_id,
+        config: &lib.base().config,
+        weight_bytes: lib.base_weight_bytes(),
+        equivalents,
+    }
+}
+
 /// Checks the adapter at `repo@rev` against the active base from its config and header, then
 /// downloads its files (pinned to one commit) into the cache.
 fn fetch_adapter(
@@ -116,12 +126,7 @@ fn fetch_adapter(
     };
     let settings = lib.settings();
     let equivalents = [settings.base_id.clone()];
-    let target = BaseTarget {
-        id: &settings.base_id,
-        config: &lib.base().config,
-        weight_bytes: 1,
-        equivalents: &equivalents,
-    };
+    let target = active_base(lib, &equivalents);
     // Refuse before the weights are fetched: tags can be wrong, shapes cannot.
     match compat::check_remote(client, &req.repo, &commit, &folder, &target) {
         Ok(_) => {}
@@ -252,14 +257,8 @@ fn describe(
             .as_ref()
             .and_then(|c| c.base_models().into_iter().next())
     });
-    let base_id = &lib.settings().base_id;
-    let equivalents = [base_id.clone()];
-    let target = BaseTarget {
-        id: base_id,
-        config: &lib.base().config,
-        weight_bytes: 1,
-        equivalents: &equivalents,
-    };
+    let equivalents = [lib.settings().base_id.clone()];
+    let target = active_base(lib, &equivalents);
     NewAdapter {
         id,
         name: req

@@ -123,7 +123,8 @@ pub struct BaseInfo {
 
 /// Reads a base model's configuration and identity (config.json, or GGUF metadata) without its
 /// weights. The identity is `_name_or_path` of config.json when it looks like a Hub id, else
-/// the GGUF's `general.source.huggingface.repository` / base-model URL / `organization/name`,
+/// the GGUF's `general.source.huggingface.repository` / source URL / `organization/<file name
+/// without its format suffix>` (when the file is named after the model) / `organization/name`,
 /// else the folder or file name.
 pub fn inspect_base(path: &Path) -> Result<BaseInfo> {
     let stem = || {
@@ -168,9 +169,20 @@ pub fn inspect_base(path: &Path) -> Result<BaseInfo> {
             (id.len() == 3).then(|| format!("{}/{}", id[1], id[0]))
         })
     };
+    // Converters name the file after the repository (`SmolLM2-135M-Instruct.Q4_1.gguf`) while
+    // `general.name` may be a training-run label: prefer the file's name when it is the model's.
+    let from_file = || {
+        let org = text("general.organization")?;
+        let basename = text("general.basename")?.to_ascii_lowercase();
+        let stem = stem();
+        let name = strip_format_suffix(&stem);
+        (name.to_ascii_lowercase().contains(&basename) && !name.contains(['/', ' ']))
+            .then(|| format!("{org}/{name}"))
+    };
     let id = text("general.source.huggingface.repository")
         .filter(|n| looks_like_hub_id(n))
         .or_else(|| from_url("general.source.url").filter(|u| u.contains('/')))
+        .or_else(from_file)
         .or_else(
             || match (text("general.organization"), text("general.name")) {
                 (Some(org), Some(name)) => Some(format!("{org}/{}", name.replace(' ', "-"))),
@@ -184,6 +196,22 @@ pub fn inspect_base(path: &Path) -> Result<BaseInfo> {
         config,
         source: path.to_path_buf(),
     })
+}
+
+/// `name` without the format suffixes that quantized and converted copies append (`.Q4_1`,
+/// `-GGUF`, `-Q4_K_M`, `-AWQ`, `-bnb-4bit`, ...), so a copy can be matched to its original.
+pub fn strip_format_suffix(name: &str) -> &str {
+    static SUFFIX: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(
+            r"(?i)[-_.](gguf|ggml|q\d(_[a-z0-9]+)*|iq\d\w*|f16|fp16|bf16|f32|awq|gptq|int4|int8|bnb-4bit|4bit|8bit|mlx|exl2|onnx)$",
+        )
+        .expect("valid regex")
+    });
+    let mut n = name;
+    while let Some(m) = SUFFIX.find(n) {
+        n = &n[..m.start()];
+    }
+    n
 }
 
 /// `owner/name` with no path separators beyond the one slash.

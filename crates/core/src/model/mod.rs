@@ -23,7 +23,7 @@ pub use generate::{FinishReason, GenerateParams, Generation, Timings, generate};
 pub use linear::{
     DENSE_PREFILL_MIN_ROWS, Linear, LinearWeight, NoDelta, RowSpan, Site, SiteDelta, SiteKind,
 };
-pub use loader::{BaseInfo, LoadOptions, Model, inspect_base};
+pub use loader::{BaseInfo, LoadOptions, Model, inspect_base, strip_format_suffix};
 pub use sample::{Sampler, Sampling};
 pub use template::{ChatMessage, ChatTemplate};
 pub use tokenizer::TextTokenizer;
