@@ -337,23 +337,52 @@ pub(crate) fn run_install(
     Ok(())
 }
 
-pub(crate) fn run_update(id: &str, json: bool) -> Result<()> {
+/// `adapter update <id>... | --all [--check]`: one outcome per adapter (a JSON list).
+pub(crate) fn run_update(ids: Vec<String>, all: bool, check: bool, json: bool) -> Result<()> {
     let mut lib = open()?;
     let (client, cache) = client_for(Some(lib.settings()));
-    let progress = TerminalProgress::new(!json);
-    let out = hub::update_adapter(&mut lib, &client, &cache, id, &progress);
-    progress.finish();
-    let out = out.with_context(|| format!("updating {id}"))?;
-    if json {
-        println!("{}", serde_json::to_string(&out)?);
+    let ids: Vec<String> = if all {
+        lib.catalog()
+            .adapters()?
+            .into_iter()
+            .filter(|r| matches!(r.source, ramole_core::catalog::AdapterSource::Hub { .. }))
+            .map(|r| r.id)
+            .collect()
+    } else if ids.is_empty() {
+        bail!("name the adapters to update, or pass --all");
     } else {
-        match out {
-            UpdateOutcome::UpToDate { id, commit } => println!("{id} is up to date ({commit})"),
-            UpdateOutcome::Updated { id, from, to, .. } => println!(
-                "updated {id}: {} -> {to}",
-                from.as_deref().unwrap_or("unknown")
-            ),
+        ids
+    };
+    let mut outcomes = Vec::new();
+    for id in &ids {
+        let out = if check {
+            hub::check_update(&lib, &client, id)
+        } else {
+            let progress = TerminalProgress::new(!json);
+            let out = hub::update_adapter(&mut lib, &client, &cache, id, &progress);
+            progress.finish();
+            out
+        };
+        let out = out.with_context(|| format!("updating {id}"))?;
+        if !json {
+            match &out {
+                UpdateOutcome::UpToDate { id, commit } => {
+                    println!("{id} is up to date ({commit})")
+                }
+                UpdateOutcome::Available { id, from, to } => println!(
+                    "{id}: a newer commit is available: {} -> {to}",
+                    from.as_deref().unwrap_or("unknown")
+                ),
+                UpdateOutcome::Updated { id, from, to, .. } => println!(
+                    "updated {id}: {} -> {to}",
+                    from.as_deref().unwrap_or("unknown")
+                ),
+            }
         }
+        outcomes.push(out);
+    }
+    if json {
+        println!("{}", serde_json::to_string(&outcomes)?);
     }
     Ok(())
 }

@@ -95,9 +95,15 @@ pub(crate) enum AdapterCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Update a Hub adapter to the newest commit of its revision.
+    /// Update Hub adapters to the newest commit of their revision (`--check`: only report).
     Update {
-        id: String,
+        ids: Vec<String>,
+        /// Every adapter installed from the Hub.
+        #[arg(long)]
+        all: bool,
+        /// Report newer commits without installing them.
+        #[arg(long)]
+        check: bool,
         #[arg(long)]
         json: bool,
     },
@@ -273,7 +279,12 @@ pub(crate) fn run_adapter(cmd: AdapterCommand) -> Result<()> {
             max_bytes,
             json,
         } => return crate::hub::run_install(&repo, subfolder, name, max_bytes, json),
-        AdapterCommand::Update { id, json } => return crate::hub::run_update(&id, json),
+        AdapterCommand::Update {
+            ids,
+            all,
+            check,
+            json,
+        } => return crate::hub::run_update(ids, all, check, json),
         _ => {}
     }
     let mut lib = open()?;

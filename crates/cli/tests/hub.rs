@@ -288,12 +288,26 @@ fn search_install_chat_update_and_pull_through_the_cli() {
             "{point}: no staged or old copies left: {dirs:?}"
         );
     }
-    let up = env.json(&["adapter", "update", &ma_id, "--json"]);
+    let check = env.json(&["adapter", "update", "--all", "--check", "--json"]);
+    let outcomes: Vec<(&str, &str)> = check
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["id"].as_str().unwrap(), o["outcome"].as_str().unwrap()))
+        .collect();
+    assert_eq!(outcomes.len(), 2);
+    assert!(outcomes.contains(&(ma_id.as_str(), "available")), "{check}");
+    assert!(
+        outcomes.contains(&(fr_id.as_str(), "up_to_date")),
+        "{check}"
+    );
+    assert!(weights(&ma_id) == before, "--check changes nothing");
+    let up = &env.json(&["adapter", "update", &ma_id, "--json"])[0];
     assert_eq!(up["outcome"], "updated");
     assert_eq!(up["to"], new_commit.as_str());
     let after = weights(&ma_id);
     assert!(before != after);
-    let up = env.json(&["adapter", "update", &ma_id, "--json"]);
+    let up = &env.json(&["adapter", "update", &ma_id, "--json"])[0];
     assert_eq!(up["outcome"], "up_to_date");
 
     // Pull an embedder and make it active: adapters are re-embedded, retrieval still works.

@@ -342,13 +342,19 @@ pub fn install_adapter(
     lib.install(&f.dir, &new, &samples, &embedding)
 }
 
-/// What `ramole adapter update` did.
+/// What `ramole adapter update` found or did.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum UpdateOutcome {
     UpToDate {
         id: String,
         commit: String,
+    },
+    /// A newer commit exists (from [`check_update`]; nothing was changed).
+    Available {
+        id: String,
+        from: Option<String>,
+        to: String,
     },
     Updated {
         id: String,
@@ -358,24 +364,16 @@ pub enum UpdateOutcome {
     },
 }
 
-/// Updates a Hub adapter to the newest commit of its revision: the new files are checked,
-/// downloaded and validated before anything installed changes, then files and catalog row
-/// are swapped (a crash leaves the old or the new adapter). Samples the user edited are kept;
-/// the others are collected again from the new commit.
-pub fn update_adapter(
-    lib: &mut Library,
-    client: &HubClient,
-    cache: &HubCache,
-    id: &str,
-    progress: &dyn Progress,
-) -> Result<UpdateOutcome> {
+/// The newest commit of a Hub adapter's revision, and whether it differs from the installed
+/// one: `UpToDate` or `Available`. Nothing changes.
+pub fn check_update(lib: &Library, client: &HubClient, id: &str) -> Result<UpdateOutcome> {
     let rec = lib.catalog().require_adapter(id)?;
     let AdapterSource::Hub {
         repo,
         revision,
         commit,
-        subfolder,
-    } = rec.source.clone()
+        ..
+    } = rec.source
     else {
         return Err(LibraryError::Invalid(format!(
             "{id} was added from a local folder: there is no Hub repository to update from"
@@ -391,12 +389,45 @@ pub fn update_adapter(
         .model_info(&repo, Some(&revision))?
         .sha
         .unwrap_or_default();
-    if commit.as_deref() == Some(latest.as_str()) {
-        return Ok(UpdateOutcome::UpToDate {
+    Ok(if commit.as_deref() == Some(latest.as_str()) {
+        UpdateOutcome::UpToDate {
             id: id.to_string(),
             commit: latest,
-        });
-    }
+        }
+    } else {
+        UpdateOutcome::Available {
+            id: id.to_string(),
+            from: commit,
+            to: latest,
+        }
+    })
+}
+
+/// Updates a Hub adapter to the newest commit of its revision: the new files are checked,
+/// downloaded and validated before anything installed changes, then files and catalog row
+/// are swapped (a crash leaves the old or the new adapter). Samples the user edited are kept;
+/// the others are collected again from the new commit.
+pub fn update_adapter(
+    lib: &mut Library,
+    client: &HubClient,
+    cache: &HubCache,
+    id: &str,
+    progress: &dyn Progress,
+) -> Result<UpdateOutcome> {
+    let commit = match check_update(lib, client, id)? {
+        UpdateOutcome::Available { from, .. } => from,
+        up_to_date => return Ok(up_to_date),
+    };
+    let rec = lib.catalog().require_adapter(id)?;
+    let AdapterSource::Hub {
+        repo,
+        revision,
+        subfolder,
+        ..
+    } = rec.source.clone()
+    else {
+        unreachable!("check_update refuses local adapters");
+    };
     let req = InstallRequest {
         repo: repo.clone(),
         revision: revision.clone(),

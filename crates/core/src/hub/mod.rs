@@ -25,7 +25,8 @@ pub use compat::{
     search_adapters,
 };
 pub use install::{
-    InstallRequest, PullRequest, Pulled, UpdateOutcome, install_adapter, pull_model, update_adapter,
+    InstallRequest, PullRequest, Pulled, UpdateOutcome, check_update, install_adapter, pull_model,
+    update_adapter,
 };
 
 /// Largest file the client downloads unless told otherwise (adapters are small; base models
