@@ -162,9 +162,7 @@ pub(crate) fn run_hub(cmd: HubCommand) -> Result<()> {
             };
             let target = hub::BaseTarget {
                 id: &base_id,
-                config: &lib.base().config,
-                weight_bytes: lib.base_weight_bytes(),
-                equivalents: &equivalents,
+                ..hub::BaseTarget::active(&lib, &equivalents)
             };
             let req = SearchRequest {
                 base_id: base_id.clone(),
@@ -263,12 +261,7 @@ pub(crate) fn run_hub(cmd: HubCommand) -> Result<()> {
                         .any(|s| s.rfilename.ends_with("adapter_config.json")) =>
                 {
                     let ids = [lib.settings().base_id.clone()];
-                    let target = hub::BaseTarget {
-                        id: &lib.settings().base_id,
-                        config: &lib.base().config,
-                        weight_bytes: lib.base_weight_bytes(),
-                        equivalents: &ids,
-                    };
+                    let target = hub::BaseTarget::active(lib, &ids);
                     Some(hub::judge_listing(&client, &info, &target)?)
                 }
                 _ => None,

@@ -119,6 +119,12 @@ pub fn init(
     Ok(settings)
 }
 
+/// Wraps an I/O error with the path it happened on.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LibraryError + use<> {
+    let path = path.to_path_buf();
+    move |source| LibraryError::Io { path, source }
+}
+
 fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).map_err(|source| LibraryError::Io {
         path: p.to_path_buf(),
@@ -368,10 +374,6 @@ impl Library {
         embedding: &Embedding,
     ) -> Result<AdapterRecord> {
         let dest = self.adapter_dir(&new.id);
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| LibraryError::Io { path, source }
-        };
         std::fs::create_dir_all(&dest).map_err(io(&dest))?;
         files::write_atomic(
             &dest.join(INSTALLING_MARKER),
@@ -399,10 +401,6 @@ impl Library {
     /// Copies an adapter's files from `src` into `dest` (fsynced), records the commit of a
     /// Hub adapter beside them, and checks the copy is what was validated.
     fn copy_files(&self, src: &Path, dest: &Path, source: &AdapterSource) -> Result<()> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| LibraryError::Io { path, source }
-        };
         for f in ["adapter_config.json", "adapter_model.safetensors"] {
             let to = dest.join(f);
             std::fs::copy(src.join(f), &to).map_err(io(&src.join(f)))?;
@@ -435,10 +433,6 @@ impl Library {
         new: &NewAdapter,
         samples: Option<(&[Sample], &Embedding)>,
     ) -> Result<AdapterRecord> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| LibraryError::Io { path, source }
-        };
         let dest = self.adapter_dir(&new.id);
         let next = self.swap_dir(&new.id, NEXT_SUFFIX);
         let prev = self.swap_dir(&new.id, PREV_SUFFIX);
@@ -470,10 +464,6 @@ impl Library {
 
     /// Finishes or rolls back file swaps of updates that a crash interrupted.
     fn repair_swaps(&mut self) -> Result<()> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| LibraryError::Io { path, source }
-        };
         for rec in self.catalog.adapters()? {
             let dest = self.adapter_dir(&rec.id);
             let prev = self.swap_dir(&rec.id, PREV_SUFFIX);

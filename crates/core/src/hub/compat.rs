@@ -94,6 +94,18 @@ pub struct BaseTarget<'a> {
     pub equivalents: &'a [String],
 }
 
+impl<'a> BaseTarget<'a> {
+    /// The library's active base, with the ids that count as the same weights.
+    pub fn active(lib: &'a crate::library::Library, equivalents: &'a [String]) -> Self {
+        Self {
+            id: &lib.settings().base_id,
+            config: &lib.base().config,
+            weight_bytes: lib.base_weight_bytes(),
+            equivalents,
+        }
+    }
+}
+
 /// The base's equivalence class on the Hub: itself, the model it is a quantized copy of, and
 /// the quantized copies of those (by downloads), at most 12. A base unknown to the Hub is
 /// its own class plus the copies that name it.
@@ -298,7 +310,7 @@ pub fn judge_listing(
         None => String::new(),
     };
     hit.subfolder = (!folder.is_empty()).then(|| folder.clone());
-    match check_remote(client, &info.id, &rev, &folder, base) {
+    match check_remote(client, &info.id, &rev, &folder, base, None) {
         Ok((summary, verdict)) => {
             hit.cost = Some(AdapterCost::of(summary.params, base.weight_bytes));
             // Listings rarely carry file sizes; the adapter's own files are what installs.
@@ -365,6 +377,7 @@ pub(crate) fn check_remote(
     rev: &str,
     folder: &str,
     base: &BaseTarget<'_>,
+    config: Option<&[u8]>,
 ) -> std::result::Result<(AdapterSummary, Verdict), Refusal> {
     let join = |f: &str| {
         if folder.is_empty() {
@@ -376,7 +389,10 @@ pub(crate) fn check_remote(
     let cfg_file = join("adapter_config.json");
     let st_file = join("adapter_model.safetensors");
     let label = Path::new(repo).join(&cfg_file);
-    let cfg_text = client.get_small(repo, rev, &cfg_file, MAX_CONFIG_BYTES)?;
+    let cfg_text = match config {
+        Some(bytes) => bytes.to_vec(),
+        None => client.get_small(repo, rev, &cfg_file, MAX_CONFIG_BYTES)?,
+    };
     let cfg_text = String::from_utf8(cfg_text)
         .map_err(|_| Refusal::Adapter(format!("{}: not UTF-8 text", label.display())))?;
     let meta = match client.file_meta(repo, rev, &st_file) {

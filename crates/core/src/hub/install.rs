@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::cache::{HubCache, is_commit};
 use super::card::{MAX_CARD_BYTES, ModelCard, card_samples};
-use super::client::HubClient;
+use super::client::{HubClient, ModelInfo};
 use super::compat::{self, BaseTarget, MAX_CONFIG_BYTES, Refusal};
 use super::{HubError, Progress, ProgressEvent, Stage, check_repo_path, parse_repo_ref};
 use crate::adapter;
@@ -64,23 +64,15 @@ fn in_folder(folder: &str, file: &str) -> String {
     }
 }
 
-/// The library's active base as the verdicts see it.
-fn active_base<'a>(lib: &'a Library, equivalents: &'a [String]) -> BaseTarget<'a> {
-    BaseTarget {
-        id: &lib.settings().base_id,
-        config: &lib.base().config,
-        weight_bytes: lib.base_weight_bytes(),
-        equivalents,
-    }
-}
-
 /// Checks the adapter at `repo@rev` against the active base from its config and header, then
-/// downloads its files (pinned to one commit) into the cache.
+/// downloads its files (pinned to one commit) into the cache. `info` is the repository's info
+/// at that revision when the caller already has it.
 fn fetch_adapter(
     lib: &Library,
     client: &HubClient,
     cache: &HubCache,
     req: &InstallRequest,
+    info: Option<ModelInfo>,
     progress: &dyn Progress,
 ) -> Result<FetchedAdapter> {
     if let Some(s) = &req.subfolder {
@@ -89,7 +81,10 @@ fn fetch_adapter(
     if client.offline() {
         return cached_adapter(cache, req);
     }
-    let info = client.model_info(&req.repo, Some(&req.revision))?;
+    let info = match info {
+        Some(i) => i,
+        None => client.model_info(&req.repo, Some(&req.revision))?,
+    };
     let commit = info
         .sha
         .clone()
@@ -124,22 +119,25 @@ fn fetch_adapter(
             ))
         })?,
     };
-    let settings = lib.settings();
-    let equivalents = [settings.base_id.clone()];
-    let target = active_base(lib, &equivalents);
+    let fetch = |file: &str, max: u64| cache.fetch(client, &req.repo, &commit, file, max, progress);
+    let config = fetch(&in_folder(&folder, "adapter_config.json"), MAX_CONFIG_BYTES)?;
+    let config = std::fs::read(&config.path).map_err(|source| LibraryError::Io {
+        path: config.path.clone(),
+        source,
+    })?;
+    let equivalents = [lib.settings().base_id.clone()];
+    let target = BaseTarget::active(lib, &equivalents);
     // Refuse before the weights are fetched: tags can be wrong, shapes cannot.
-    match compat::check_remote(client, &req.repo, &commit, &folder, &target) {
+    match compat::check_remote(client, &req.repo, &commit, &folder, &target, Some(&config)) {
         Ok(_) => {}
         Err(Refusal::Adapter(why)) => {
             return Err(LibraryError::Invalid(format!(
                 "{}: incompatible with the active base {}: {why}",
-                req.repo, settings.base_id
+                req.repo, target.id
             )));
         }
         Err(Refusal::Hub(e)) => return Err(e.into()),
     }
-    let fetch = |file: &str, max: u64| cache.fetch(client, &req.repo, &commit, file, max, progress);
-    fetch(&in_folder(&folder, "adapter_config.json"), MAX_CONFIG_BYTES)?;
     let weights = fetch(
         &in_folder(&folder, "adapter_model.safetensors"),
         req.max_bytes,
@@ -258,7 +256,7 @@ fn describe(
             .and_then(|c| c.base_models().into_iter().next())
     });
     let equivalents = [lib.settings().base_id.clone()];
-    let target = active_base(lib, &equivalents);
+    let target = BaseTarget::active(lib, &equivalents);
     NewAdapter {
         id,
         name: req
@@ -312,7 +310,7 @@ pub fn install_adapter(
             )));
         }
     }
-    let f = fetch_adapter(lib, client, cache, req, progress)?;
+    let f = fetch_adapter(lib, client, cache, req, None, progress)?;
     let step = |stage| {
         progress.report(&ProgressEvent {
             stage,
@@ -364,31 +362,41 @@ pub enum UpdateOutcome {
     },
 }
 
-/// The newest commit of a Hub adapter's revision, and whether it differs from the installed
-/// one: `UpToDate` or `Available`. Nothing changes.
-pub fn check_update(lib: &Library, client: &HubClient, id: &str) -> Result<UpdateOutcome> {
+/// Where a Hub adapter came from: `(repo, revision, installed commit, subfolder)`.
+type HubOrigin = (String, String, Option<String>, Option<String>);
+
+/// The adapter's record and origin; a local adapter has nothing to update from.
+fn hub_origin(lib: &Library, id: &str) -> Result<(AdapterRecord, HubOrigin)> {
     let rec = lib.catalog().require_adapter(id)?;
-    let AdapterSource::Hub {
-        repo,
-        revision,
-        commit,
-        ..
-    } = rec.source
-    else {
-        return Err(LibraryError::Invalid(format!(
+    match rec.source.clone() {
+        AdapterSource::Hub {
+            repo,
+            revision,
+            commit,
+            subfolder,
+        } => Ok((rec, (repo, revision, commit, subfolder))),
+        AdapterSource::Local { .. } => Err(LibraryError::Invalid(format!(
             "{id} was added from a local folder: there is no Hub repository to update from"
-        )));
-    };
+        ))),
+    }
+}
+
+/// The repository's info at the newest commit of `revision`.
+fn newest(client: &HubClient, repo: &str, revision: &str) -> Result<ModelInfo> {
     if client.offline() {
         return Err(HubError::Offline {
             what: format!("the newest commit of {repo}@{revision}"),
         }
         .into());
     }
-    let latest = client
-        .model_info(&repo, Some(&revision))?
-        .sha
-        .unwrap_or_default();
+    Ok(client.model_info(repo, Some(revision))?)
+}
+
+/// The newest commit of a Hub adapter's revision, and whether it differs from the installed
+/// one: `UpToDate` or `Available`. Nothing changes.
+pub fn check_update(lib: &Library, client: &HubClient, id: &str) -> Result<UpdateOutcome> {
+    let (_, (repo, revision, commit, _)) = hub_origin(lib, id)?;
+    let latest = newest(client, &repo, &revision)?.sha.unwrap_or_default();
     Ok(if commit.as_deref() == Some(latest.as_str()) {
         UpdateOutcome::UpToDate {
             id: id.to_string(),
@@ -414,28 +422,23 @@ pub fn update_adapter(
     id: &str,
     progress: &dyn Progress,
 ) -> Result<UpdateOutcome> {
-    let commit = match check_update(lib, client, id)? {
-        UpdateOutcome::Available { from, .. } => from,
-        up_to_date => return Ok(up_to_date),
-    };
-    let rec = lib.catalog().require_adapter(id)?;
-    let AdapterSource::Hub {
-        repo,
-        revision,
-        subfolder,
-        ..
-    } = rec.source.clone()
-    else {
-        unreachable!("check_update refuses local adapters");
-    };
+    let (rec, (repo, revision, commit, subfolder)) = hub_origin(lib, id)?;
+    let info = newest(client, &repo, &revision)?;
+    let latest = info.sha.clone().unwrap_or_default();
+    if commit.as_deref() == Some(latest.as_str()) {
+        return Ok(UpdateOutcome::UpToDate {
+            id: rec.id,
+            commit: latest,
+        });
+    }
     let req = InstallRequest {
         repo: repo.clone(),
-        revision: revision.clone(),
-        subfolder: subfolder.clone(),
+        revision,
+        subfolder,
         name: Some(rec.name.clone()),
         max_bytes: super::DEFAULT_MAX_FILE_BYTES,
     };
-    let f = fetch_adapter(lib, client, cache, &req, progress)?;
+    let f = fetch_adapter(lib, client, cache, &req, Some(info), progress)?;
     let summary = adapter::inspect(&f.dir, &lib.base().config)?;
     let old_samples = lib.catalog().samples(rec.key)?;
     let user_edited =
@@ -448,8 +451,7 @@ pub fn update_adapter(
         let embedding = retrieve::profile(lib.embedder()?, &texts)?;
         Some((samples, embedding))
     };
-    let mut new = describe(lib, rec.id.clone(), &req, &f, &summary);
-    new.name = rec.name.clone();
+    let new = describe(lib, rec.id.clone(), &req, &f, &summary);
     let record = lib.replace_files(
         &f.dir,
         &new,
