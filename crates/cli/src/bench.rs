@@ -27,6 +27,9 @@ pub(crate) enum BenchCommand {
     /// Latency of one retrieval (embed the query + search) over N synthetic adapters in a
     /// temporary library, and of adding one adapter with 20 samples.
     Retrieval(RetrievalBench),
+    /// Aggregate decode tokens/s of concurrent requests with different adapter sets: one after
+    /// another, and batched by the engine at several batch sizes, side by side.
+    Batch(crate::batch_bench::BatchBench),
 }
 
 #[derive(Args)]
@@ -94,6 +97,7 @@ pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Model(b) => model_bench(b),
         BenchCommand::Lora(b) => lora_bench(b),
         BenchCommand::Retrieval(b) => crate::retrieval_bench::run(b),
+        BenchCommand::Batch(b) => crate::batch_bench::run(b),
     }
 }
 
@@ -249,9 +253,7 @@ fn lora_bench(b: LoraBench) -> Result<()> {
     let adapter_mb = loaded.iter().map(|(a, _)| a.bytes()).sum::<usize>() as f64 / 1e6;
     let compile = |p: Precision| -> Result<MixDelta> {
         let mix = CompiledMix::with_precision(Plan::Mixture, &loaded, p)?;
-        Ok(MixDelta {
-            rows: vec![Some(Arc::new(mix))],
-        })
+        Ok(MixDelta::single(Some(Arc::new(mix))))
     };
     let (f32_mix, bf16_mix) = (compile(Precision::F32)?, compile(Precision::Bf16)?);
     let reference = f32_mix.reference();

@@ -10,11 +10,13 @@ use ramole_core::catalog::{AdapterRecord, SampleOrigin};
 use ramole_core::chat::{self, ChatRequest, PlanChoice};
 use ramole_core::config;
 use ramole_core::embed::Embedder;
+use ramole_core::engine::{Engine, EngineConfig};
 use ramole_core::index::Scoring;
 use ramole_core::library::{self, Library};
-use ramole_core::model::{GenerateParams, LoadOptions, Model, Sampling};
+use ramole_core::model::{LoadOptions, Model};
 use ramole_core::mole::Gating;
 use ramole_core::retrieve::{self, TaskProfile, TestInput};
+use ramole_core::serve::{self, ServeState};
 use serde_json::json;
 
 #[derive(Args)]
@@ -147,19 +149,26 @@ pub(crate) struct ChatArgs {
     /// Adapter ids never to retrieve (repeatable).
     #[arg(long)]
     exclude: Vec<String>,
-    #[arg(long, default_value_t = 256)]
-    max_tokens: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: crate::SamplingArgs,
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on; anything but loopback exposes the API to the network.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// 0 picks a free port (printed on start).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Requests decoded together in one batch.
+    #[arg(long, default_value_t = 8)]
+    max_rows: usize,
+    /// Requests that may wait beyond the running ones before the server answers 503.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
 }
 
 #[derive(Subcommand)]
@@ -409,6 +418,7 @@ pub(crate) fn run_chat(a: ChatArgs) -> Result<()> {
     let base = lib.settings().base_path.clone();
     let model = Model::load(&base, &LoadOptions::default())
         .with_context(|| format!("loading {}", base.display()))?;
+    let engine = Engine::start(std::sync::Arc::new(model), EngineConfig::default());
     let req = ChatRequest {
         session: a.session,
         text: a.text.clone(),
@@ -417,16 +427,7 @@ pub(crate) fn run_chat(a: ChatArgs) -> Result<()> {
         gating: parse_gating(&a.gating)?,
         exclude: a.exclude.clone(),
         system_prompt: a.system.clone(),
-        params: GenerateParams {
-            max_tokens: a.max_tokens,
-            sampling: Sampling {
-                temperature: a.temperature,
-                top_p: a.top_p,
-                top_k: a.top_k,
-                seed: a.seed,
-            },
-            stop: Vec::new(),
-        },
+        params: a.sampling.params(Vec::new()),
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -437,7 +438,7 @@ pub(crate) fn run_chat(a: ChatArgs) -> Result<()> {
             let _ = out.flush();
         }
     };
-    let reply = chat::send(&mut lib, &model, &req, &mut on_text)?;
+    let reply = chat::send(&mut lib, &engine, &req, &mut on_text)?;
     if a.json {
         writeln!(
             out,
@@ -473,6 +474,39 @@ pub(crate) fn run_chat(a: ChatArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
+    if a.max_rows == 0 || a.max_rows > 64 {
+        bail!("--max-rows {} must be between 1 and 64", a.max_rows);
+    }
+    let lib = open()?;
+    let base = lib.settings().base_path.clone();
+    let model = Model::load(&base, &LoadOptions::default())
+        .with_context(|| format!("loading {}", base.display()))?;
+    let engine = Engine::start(
+        std::sync::Arc::new(model),
+        EngineConfig {
+            max_rows: a.max_rows,
+            queue: a.queue.max(1),
+            ..EngineConfig::default()
+        },
+    );
+    let state = std::sync::Arc::new(ServeState::new(std::sync::Arc::new(engine), lib));
+    let addr = std::net::SocketAddr::new(a.host, a.port);
+    if !serve::is_loopback(&addr) {
+        eprintln!(
+            "ramole: warning: listening on {addr} exposes the API (no authentication) to the network"
+        );
+    }
+    let model_id = state.model_id().to_string();
+    serve::serve_blocking(addr, state, |bound| {
+        // The first line of stdout: scripts and tests read the bound port from it.
+        println!("listening on http://{bound}");
+        eprintln!("ramole: serving {model_id} at http://{bound}/v1 (Ctrl-C stops)");
+        let _ = std::io::stdout().flush();
+    })
+    .with_context(|| format!("serving on {addr}"))
 }
 
 pub(crate) fn run_session(cmd: SessionCommand) -> Result<()> {

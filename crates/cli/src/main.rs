@@ -1,6 +1,7 @@
 //! The `ramole` command line: a thin layer of argument parsing and printing over ramole-core.
 //! Errors go to stderr with a non-zero exit status; `--json` prints exactly one JSON object.
 
+mod batch_bench;
 mod bench;
 mod hub;
 mod library;
@@ -53,6 +54,8 @@ enum Command {
     Retrieve(library::RetrieveArgs),
     /// Answer a message with retrieved adapters and store the exchange with its provenance.
     Chat(library::ChatArgs),
+    /// A local OpenAI-compatible API (chat completions, models) over the library's base.
+    Serve(library::ServeArgs),
     /// Stored chat sessions and the provenance of their replies.
     #[command(subcommand)]
     Session(library::SessionCommand),
@@ -136,13 +139,7 @@ impl AdapterArgs {
         if plan == Plan::None {
             listed.clear();
         }
-        Ok((
-            plan,
-            MixDelta {
-                rows: vec![Some(Arc::new(mix))],
-            },
-            listed,
-        ))
+        Ok((plan, MixDelta::new(vec![Some(Arc::new(mix))]), listed))
     }
 }
 
@@ -174,6 +171,19 @@ struct GenerateArgs {
     /// System message (with --chat).
     #[arg(long, requires = "chat")]
     system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Stop before this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Generation settings shared by `generate` and `chat`.
+#[derive(Args)]
+pub(crate) struct SamplingArgs {
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
     /// 0 = greedy.
@@ -186,12 +196,22 @@ struct GenerateArgs {
     top_k: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Stop before this text (repeatable).
-    #[arg(long)]
-    stop: Vec<String>,
-    /// Print one JSON object instead of streaming text.
-    #[arg(long)]
-    json: bool,
+}
+
+impl SamplingArgs {
+    pub(crate) fn params(&self, stop: Vec<String>) -> GenerateParams {
+        GenerateParams {
+            max_tokens: self.max_tokens,
+            sampling: Sampling {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                top_k: self.top_k,
+                seed: self.seed,
+            },
+            stop,
+            ignore_eos: false,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -222,6 +242,7 @@ fn main() -> ExitCode {
         Command::Model(c) => hub::run_model(c),
         Command::Retrieve(a) => library::run_retrieve(a),
         Command::Chat(a) => library::run_chat(a),
+        Command::Serve(a) => library::run_serve(a),
         Command::Session(c) => library::run_session(c),
         Command::Eval(c) => library::run_eval(c),
         Command::Bench(b) => bench::run(b),
@@ -265,10 +286,10 @@ fn check_prompt(prompt: &str) -> Result<()> {
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
     check_prompt(&a.prompt)?;
-    if a.max_tokens == 0 || a.max_tokens > 1 << 20 {
+    if a.sampling.max_tokens == 0 || a.sampling.max_tokens > 1 << 20 {
         bail!(
             "--max-tokens {} must be between 1 and 1048576",
-            a.max_tokens
+            a.sampling.max_tokens
         );
     }
     let model = a.base.load()?;
@@ -283,16 +304,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     } else {
         model.tokenizer.encode(&a.prompt)?
     };
-    let params = GenerateParams {
-        max_tokens: a.max_tokens,
-        sampling: Sampling {
-            temperature: a.temperature,
-            top_p: a.top_p,
-            top_k: a.top_k,
-            seed: a.seed,
-        },
-        stop: a.stop.clone(),
-    };
+    let params = a.sampling.params(a.stop.clone());
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let stream = !a.json;

@@ -215,14 +215,28 @@ fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, path: &str) -> Option<
 /// The low-rank factors of one site: `delta = scale * B (A x)`.
 #[derive(Clone)]
 pub struct LoraFactors {
-    /// `[r, in_features]`
+    /// `[r, in_features]`, contiguous.
     pub a: Tensor,
-    /// `[out_features, r]`
+    /// `[out_features, r]`: a transposed view of `b_t`.
     pub b: Tensor,
+    /// `Bᵀ` `[r, out_features]`, contiguous (the same storage as `b`), so a decode loop reads
+    /// both factors row by row.
+    pub b_t: Tensor,
     pub scale: f32,
 }
 
 impl LoraFactors {
+    /// `a` `[r, in]`, `b` `[out, r]`.
+    pub fn new(a: Tensor, b: Tensor, scale: f32) -> candle_core::Result<Self> {
+        let b_t = b.t()?.contiguous()?;
+        Ok(Self {
+            a: a.contiguous()?,
+            b: b_t.t()?,
+            b_t,
+            scale,
+        })
+    }
+
     pub fn rank(&self) -> usize {
         self.a.dim(0).unwrap_or(0)
     }
@@ -574,11 +588,7 @@ fn fit_tensors(
         };
         out.insert(
             site,
-            LoraFactors {
-                a,
-                b,
-                scale: scale as f32,
-            },
+            LoraFactors::new(a, b, scale as f32).map_err(|e| bad(e.to_string()))?,
         );
     }
     Ok(out)

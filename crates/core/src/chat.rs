@@ -3,15 +3,13 @@
 //! Multi-turn: retrieval runs on every turn on the latest user message; history that does not
 //! fit the context is dropped oldest-first, keeping the system prompt.
 
-use std::sync::Arc;
-
 use serde::Serialize;
 
-use crate::adapter::LoraAdapter;
 use crate::catalog::{Provenance, ServedAdapter};
+use crate::engine::{AdapterUse, Engine, EngineError, Job, JobEvent, MixRequest};
 use crate::library::{Library, LibraryError};
-use crate::model::{ChatMessage, FinishReason, GenerateParams, Model, ModelError, generate};
-use crate::mole::{CompiledMix, Gating, MixDelta, MoleError, Plan};
+use crate::model::{ChatMessage, FinishReason, GenerateParams, Generation, ModelError};
+use crate::mole::{Gating, MoleError, Plan};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
@@ -21,8 +19,8 @@ pub enum ChatError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Mole(#[from] MoleError),
-    #[error("adapter {id}: {message}")]
-    Adapter { id: String, message: String },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -122,130 +120,294 @@ pub fn fit_history(
     Err(ChatError::Invalid("there is no message to answer".into()))
 }
 
-/// Answers `req` in its session with `model` (the library's active base), calling `on_text`
-/// with each printable piece of the reply.
-pub fn send(
-    lib: &mut Library,
-    model: &Model,
-    req: &ChatRequest,
-    on_text: &mut dyn FnMut(&str),
-) -> Result<ChatReply> {
-    let text = req.text.trim();
-    if text.is_empty() {
+/// Which adapters serve a message and how: the plan that runs, with the adapters, their scores
+/// and gates. Chat and the server both route through it, so their provenance agrees.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// The plan that runs (`auto` resolved; `none` when nothing was retrieved).
+    pub plan: Plan,
+    /// The plan asked for (resolved from `auto`), before falling back to `none`.
+    pub asked: Plan,
+    pub k: usize,
+    pub gating: Gating,
+    /// Adapters given by hand rather than retrieved.
+    pub given: bool,
+    pub served: Vec<ServedAdapter>,
+}
+
+/// Checks a message's text: not empty, within [`MAX_MESSAGE_CHARS`].
+pub fn check_message(text: &str) -> Result<()> {
+    if text.trim().is_empty() {
         return Err(ChatError::Invalid("the message is empty".into()));
     }
-    let chars = req.text.chars().count();
+    let chars = text.chars().count();
     if chars > MAX_MESSAGE_CHARS {
         return Err(ChatError::Invalid(format!(
             "the message has {chars} characters, the limit is {MAX_MESSAGE_CHARS}"
         )));
     }
-    let settings = lib.settings().retrieval.clone();
-    let k = req.k.unwrap_or(settings.k);
-    if k == 0 || k > crate::config::MAX_K {
-        return Err(ChatError::Invalid(format!(
-            "k = {k} must be within 1..={}",
-            crate::config::MAX_K
-        )));
-    }
-    let gating = req.gating.unwrap_or(settings.gating);
-    let plan = match req.plan {
-        PlanChoice::Auto => Plan::Mixture,
-        PlanChoice::Plan(p) => p,
-    };
-    let ctx = model.decoder.config().max_position_embeddings;
-    if req.params.max_tokens == 0 || req.params.max_tokens >= ctx {
-        return Err(ChatError::Invalid(format!(
-            "max_tokens = {} must be within 1..{ctx} (the context length)",
-            req.params.max_tokens
-        )));
-    }
-    // Retrieval first: a bad exclusion or a broken index fails before anything is stored.
-    let (k_used, retrieved) = match plan {
-        Plan::None => (0, Vec::new()),
-        Plan::Selection => (1, lib.retrieve(text, 1, &req.exclude, gating)?),
-        Plan::Mixture | Plan::Fusion => (k, lib.retrieve(text, k, &req.exclude, gating)?),
-    };
-    let mut served: Vec<ServedAdapter> = retrieved
-        .iter()
-        .map(|r| ServedAdapter {
-            id: r.id.clone(),
-            name: r.name.clone(),
-            score: Some(r.score),
-            // Selection applies its one adapter at full strength (DESIGN.md 3a).
-            gate: if plan == Plan::Selection { 1.0 } else { r.gate },
-        })
-        .collect();
-    let ran_plan = if served.is_empty() { Plan::None } else { plan };
-    let mut loaded = Vec::with_capacity(served.len());
-    for s in &served {
-        let dir = lib.adapter_dir(&s.id);
-        let a = LoraAdapter::load(&dir, &model.decoder).map_err(|e| ChatError::Adapter {
-            id: s.id.clone(),
-            message: e.to_string(),
-        })?;
-        loaded.push((Arc::new(a), s.gate));
-    }
-    let delta = MixDelta {
-        rows: vec![if loaded.is_empty() {
-            None
-        } else {
-            Some(Arc::new(CompiledMix::new(ran_plan, &loaded)?))
-        }],
-    };
+    Ok(())
+}
 
-    let catalog = lib.catalog_mut();
+impl Routing {
+    /// Retrieves adapters for `text` (the latest user message) under `plan`: selection takes the
+    /// top 1 at gate 1, mixture and fusion the top `k` with retrieval gates.
+    pub fn retrieve(
+        lib: &Library,
+        text: &str,
+        k: Option<usize>,
+        plan: PlanChoice,
+        gating: Option<Gating>,
+        exclude: &[String],
+    ) -> Result<Self> {
+        let settings = &lib.settings().retrieval;
+        let k = k.unwrap_or(settings.k);
+        if k == 0 || k > crate::config::MAX_K {
+            return Err(ChatError::Invalid(format!(
+                "k = {k} must be within 1..={}",
+                crate::config::MAX_K
+            )));
+        }
+        let gating = gating.unwrap_or(settings.gating);
+        let asked = match plan {
+            PlanChoice::Auto => Plan::Mixture,
+            PlanChoice::Plan(p) => p,
+        };
+        let text = text.trim();
+        let (k_used, retrieved) = match asked {
+            Plan::None => (0, Vec::new()),
+            Plan::Selection => (1, lib.retrieve(text, 1, exclude, gating)?),
+            Plan::Mixture | Plan::Fusion => (k, lib.retrieve(text, k, exclude, gating)?),
+        };
+        let served: Vec<ServedAdapter> = retrieved
+            .iter()
+            .map(|r| ServedAdapter {
+                id: r.id.clone(),
+                name: r.name.clone(),
+                score: Some(r.score),
+                // Selection applies its one adapter at full strength (DESIGN.md 3a).
+                gate: if asked == Plan::Selection {
+                    1.0
+                } else {
+                    r.gate
+                },
+            })
+            .collect();
+        Ok(Self {
+            plan: if served.is_empty() { Plan::None } else { asked },
+            asked,
+            k: k_used,
+            gating,
+            given: false,
+            served,
+        })
+    }
+
+    /// Adapters named by hand (`(id, gate)`; gates are used as given): each must be installed,
+    /// enabled and compatible with the active base. `plan` defaults to selection for one adapter
+    /// and mixture for several.
+    pub fn given(lib: &Library, adapters: &[(String, f32)], plan: Option<Plan>) -> Result<Self> {
+        if adapters.is_empty() {
+            return Err(ChatError::Invalid("no adapter was named".into()));
+        }
+        if adapters.len() > crate::config::MAX_K {
+            return Err(ChatError::Invalid(format!(
+                "{} adapters named; the limit is {}",
+                adapters.len(),
+                crate::config::MAX_K
+            )));
+        }
+        let plan = plan.unwrap_or(if adapters.len() == 1 {
+            Plan::Selection
+        } else {
+            Plan::Mixture
+        });
+        crate::mole::check_gates(&adapters.iter().map(|a| a.1).collect::<Vec<_>>())?;
+        let mut served = Vec::with_capacity(adapters.len());
+        for (i, (id, gate)) in adapters.iter().enumerate() {
+            if adapters[..i].iter().any(|(other, _)| other == id) {
+                return Err(ChatError::Invalid(format!("adapter {id} is named twice")));
+            }
+            let rec = lib.catalog().require_adapter(id)?;
+            if !rec.enabled {
+                return Err(ChatError::Invalid(format!("adapter {id} is disabled")));
+            }
+            if rec.verdict.compat == crate::catalog::Compat::Incompatible {
+                return Err(ChatError::Invalid(format!(
+                    "adapter {id} does not fit the active base: {}",
+                    rec.verdict.reason
+                )));
+            }
+            served.push(ServedAdapter {
+                id: rec.id,
+                name: rec.name,
+                score: None,
+                gate: *gate,
+            });
+        }
+        Ok(Self {
+            plan,
+            asked: plan,
+            k: served.len(),
+            gating: Gating::Uniform,
+            given: true,
+            served,
+        })
+    }
+
+    /// The engine's view: adapter folders and gates.
+    pub fn mix(&self, lib: &Library) -> MixRequest {
+        MixRequest {
+            plan: self.plan,
+            adapters: self
+                .served
+                .iter()
+                .map(|s| AdapterUse {
+                    id: s.id.clone(),
+                    dir: lib.adapter_dir(&s.id),
+                    gate: s.gate,
+                })
+                .collect(),
+        }
+    }
+
+    /// What gets stored with the reply (and returned by the server); its `generation` record is
+    /// filled in by [`generation_record`] once the reply is done.
+    pub fn provenance(&self, lib: &Library, query: &str) -> Provenance {
+        let retrieved = self.asked != Plan::None && !self.given;
+        Provenance {
+            plan: self.plan.as_str().to_string(),
+            k: self.k,
+            query: query.to_string(),
+            base_model: lib.settings().base_id.clone(),
+            embedder: retrieved.then(|| lib.embedder_id().to_string()),
+            scoring: retrieved.then(|| lib.settings().retrieval.scoring.as_str().to_string()),
+            gating: (self.asked != Plan::None).then(|| {
+                if self.given {
+                    "given".to_string()
+                } else if self.asked == Plan::Selection {
+                    "selection".to_string()
+                } else {
+                    self.gating.to_string()
+                }
+            }),
+            adapters: if self.plan == Plan::None {
+                Vec::new()
+            } else {
+                self.served.clone()
+            },
+            generation: serde_json::Value::Null,
+            layer_gates: None,
+        }
+    }
+}
+
+/// Sampling settings, seed, token counts and finish reason of a reply: enough to replay it.
+pub fn generation_record(
+    params: &GenerateParams,
+    generation: &Generation,
+    dropped: usize,
+) -> serde_json::Value {
+    serde_json::json!({
+        "max_tokens": params.max_tokens,
+        "temperature": params.sampling.temperature,
+        "top_p": params.sampling.top_p,
+        "top_k": params.sampling.top_k,
+        "seed": params.sampling.seed,
+        "stop": params.stop,
+        "prompt_tokens": generation.prompt_tokens,
+        "generated_tokens": generation.generated_tokens,
+        "finish_reason": generation.finish_reason,
+        "dropped_messages": dropped,
+    })
+}
+
+/// Checks `max_tokens` against the context length.
+pub fn check_max_tokens(max_tokens: usize, ctx: usize) -> Result<()> {
+    if max_tokens == 0 || max_tokens >= ctx {
+        return Err(ChatError::Invalid(format!(
+            "max_tokens = {max_tokens} must be within 1..{ctx} (the context length)"
+        )));
+    }
+    Ok(())
+}
+
+/// Answers `req` in its session through `engine` (running the library's active base), calling
+/// `on_text` with each printable piece of the reply.
+pub fn send(
+    lib: &mut Library,
+    engine: &Engine,
+    req: &ChatRequest,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<ChatReply> {
+    check_message(&req.text)?;
+    let text = req.text.trim();
+    let ctx = engine.model().decoder.config().max_position_embeddings;
+    check_max_tokens(req.params.max_tokens, ctx)?;
+    // Retrieval first: a bad exclusion or a broken index fails before anything is stored.
+    let routing = Routing::retrieve(lib, text, req.k, req.plan, req.gating, &req.exclude)?;
+
+    // The prompt is built in memory first: nothing is stored until the engine has the request
+    // running (its adapters loaded), so a broken adapter or a full engine stores nothing.
+    let model = engine.model();
     let session = match req.session {
-        Some(id) => catalog.require_chat(id)?,
+        Some(id) => Some(lib.catalog_mut().require_chat(id)?),
+        None => None,
+    };
+    let system_prompt = match &session {
+        Some(s) => s.system_prompt.clone(),
+        None => req.system_prompt.clone(),
+    };
+    let mut history: Vec<ChatMessage> = Vec::new();
+    if let Some(sys) = system_prompt.as_deref().filter(|s| !s.is_empty()) {
+        history.push(ChatMessage::new("system", sys));
+    }
+    if let Some(s) = &session {
+        for m in lib.catalog_mut().messages(s.id)? {
+            history.push(ChatMessage::new(m.role, m.content));
+        }
+    }
+    history.push(ChatMessage::new("user", &req.text));
+    let budget = ctx - req.params.max_tokens;
+    let (messages, dropped) = fit_history(&history, budget, &mut |msgs| {
+        model.chat_prompt(msgs).map(|ids| ids.len())
+    })?;
+    let prompt = model.chat_prompt(&messages)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    engine.submit(
+        Job {
+            prompt,
+            params: req.params.clone(),
+            mix: routing.mix(lib),
+        },
+        Box::new(move |e| tx.send(e).is_ok()),
+    )?;
+    let mut events = rx.into_iter();
+    match events.next() {
+        Some(JobEvent::Started) => {}
+        Some(JobEvent::Failed(e)) => return Err(e.into()),
+        _ => return Err(EngineError::Stopped.into()),
+    }
+    let catalog = lib.catalog_mut();
+    let session = match session {
+        Some(s) => s,
         None => {
             let title: String = text.chars().take(60).collect();
             catalog.create_chat(&title, req.system_prompt.as_deref())?
         }
     };
     let user_message = catalog.add_message(session.id, "user", &req.text)?;
-    let mut history: Vec<ChatMessage> = Vec::new();
-    if let Some(sys) = session.system_prompt.as_deref().filter(|s| !s.is_empty()) {
-        history.push(ChatMessage::new("system", sys));
-    }
-    for m in catalog.messages(session.id)? {
-        history.push(ChatMessage::new(m.role, m.content));
-    }
-    let budget = ctx - req.params.max_tokens;
-    let (messages, dropped) = fit_history(&history, budget, &mut |msgs| {
-        model.chat_prompt(msgs).map(|ids| ids.len())
-    })?;
-    let prompt = model.chat_prompt(&messages)?;
-    let generation = generate(model, &prompt, &req.params, &delta, on_text)?;
-
-    if ran_plan == Plan::None {
-        served.clear();
-    }
-    let provenance = Provenance {
-        plan: ran_plan.as_str().to_string(),
-        k: k_used,
-        query: text.to_string(),
-        base_model: lib.settings().base_id.clone(),
-        embedder: (plan != Plan::None).then(|| lib.embedder_id().to_string()),
-        scoring: (plan != Plan::None).then(|| settings.scoring.as_str().to_string()),
-        gating: (plan != Plan::None).then(|| match plan {
-            Plan::Selection => "selection".to_string(),
-            _ => gating.to_string(),
-        }),
-        adapters: served,
-        generation: serde_json::json!({
-            "max_tokens": req.params.max_tokens,
-            "temperature": req.params.sampling.temperature,
-            "top_p": req.params.sampling.top_p,
-            "top_k": req.params.sampling.top_k,
-            "seed": req.params.sampling.seed,
-            "stop": req.params.stop,
-            "prompt_tokens": generation.prompt_tokens,
-            "generated_tokens": generation.generated_tokens,
-            "finish_reason": generation.finish_reason,
-            "dropped_messages": dropped,
-        }),
-        layer_gates: None,
+    let generation = loop {
+        match events.next() {
+            Some(JobEvent::Text(t)) => on_text(&t),
+            Some(JobEvent::Done(g)) => break g,
+            Some(JobEvent::Failed(e)) => return Err(e.into()),
+            Some(JobEvent::Started) => {}
+            None => return Err(EngineError::Stopped.into()),
+        }
     };
+    let mut provenance = routing.provenance(lib, text);
+    provenance.generation = generation_record(&req.params, &generation, dropped);
     let message = lib
         .catalog_mut()
         .add_reply(session.id, &generation.text, &provenance)?;

@@ -2,10 +2,12 @@
 //! layers over it; it never depends on tauri.
 
 pub mod adapter;
+pub mod batch;
 pub mod catalog;
 pub mod chat;
 pub mod config;
 pub mod embed;
+pub mod engine;
 pub mod files;
 pub mod hub;
 pub mod index;
@@ -13,3 +15,4 @@ pub mod library;
 pub mod model;
 pub mod mole;
 pub mod retrieve;
+pub mod serve;

@@ -14,11 +14,12 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use crate::adapter::LoraAdapter;
 use crate::model::{RowSpan, Site, SiteDelta};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Plan {
     None,
@@ -251,48 +252,95 @@ impl SitePair {
         x.matmul(&a.t()?)?.matmul(&b_t)
     }
 
-    /// The same for a few tokens, as two plain loops: a decode step would otherwise pay two
-    /// GEMM dispatches per site, which cost more than the arithmetic at these sizes.
-    fn apply_direct(&self, x: &[f32], n: usize, y: &mut [f32]) {
+    /// Adds `B (A x_t)` to `y_t` for the `n` tokens of `x` `[n, in]`, `y` `[n, out]`.
+    fn apply_direct(&self, x: &[f32], y: &mut [f32]) {
+        let shape = LowRank {
+            rank: self.rank,
+            inp: self.inp,
+            out: self.out,
+        };
         match (&self.a, &self.b_t) {
-            (Values::F32(a), Values::F32(b)) => self.direct_dispatch(a, b, x, n, y),
-            (Values::Bf16(a), Values::Bf16(b)) => self.direct_dispatch(a, b, x, n, y),
+            (Values::F32(a), Values::F32(b)) => shape.apply(a, b, x, None, y),
+            (Values::Bf16(a), Values::Bf16(b)) => shape.apply(a, b, x, None, y),
             _ => unreachable!("both factors share one precision"),
         }
     }
 
-    /// Runs the loops compiled for AVX2+FMA when the CPU has them (the portable build targets
-    /// SSE2 only, which halves the vector width and has no FMA).
-    fn direct_dispatch<T: Elem>(&self, a: &[T], b_t: &[T], x: &[f32], n: usize, y: &mut [f32]) {
+    fn bytes(&self) -> usize {
+        let per = match self.a {
+            Values::F32(_) => 4,
+            Values::Bf16(_) => 2,
+        };
+        self.rank * (self.inp + self.out) * per
+    }
+}
+
+/// The shape of a low-rank product `B (A x)`: `a` `[rank, inp]`, `b_t` `[rank, out]`.
+#[derive(Clone, Copy)]
+struct LowRank {
+    rank: usize,
+    inp: usize,
+    out: usize,
+}
+
+impl LowRank {
+    /// `y_t += s_t B (A x_t)` for every token `t` of `x` `[n, in]` into `y` `[n, out]`, with
+    /// `s_t = scales[t]` (1 when `None`), as two plain loops that read each factor row once for
+    /// all tokens: a decode step would otherwise pay two GEMM dispatches per site, which cost
+    /// more than the arithmetic at these sizes.
+    fn apply<T: Elem>(self, a: &[T], b_t: &[T], x: &[f32], scales: Option<&[f32]>, y: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the features were detected at run time.
-            unsafe { self.direct_avx2(a, b_t, x, n, y) };
+            unsafe { self.apply_avx2(a, b_t, x, scales, y) };
             return;
         }
-        self.direct(a, b_t, x, n, y)
+        self.apply_portable(a, b_t, x, scales, y)
     }
 
+    /// The same loops compiled for AVX2+FMA (the portable build targets SSE2 only, which halves
+    /// the vector width and has no FMA).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn direct_avx2<T: Elem>(&self, a: &[T], b_t: &[T], x: &[f32], n: usize, y: &mut [f32]) {
-        self.direct(a, b_t, x, n, y)
+    unsafe fn apply_avx2<T: Elem>(
+        self,
+        a: &[T],
+        b_t: &[T],
+        x: &[f32],
+        scales: Option<&[f32]>,
+        y: &mut [f32],
+    ) {
+        self.apply_portable(a, b_t, x, scales, y)
     }
 
     #[inline(always)]
-    fn direct<T: Elem>(&self, a: &[T], b_t: &[T], x: &[f32], n: usize, y: &mut [f32]) {
-        let mut t = vec![0f32; self.rank];
-        for i in 0..n {
-            let xi = &x[i * self.inp..(i + 1) * self.inp];
-            for (r, tr) in t.iter_mut().enumerate() {
-                *tr = dot(&a[r * self.inp..(r + 1) * self.inp], xi);
+    fn apply_portable<T: Elem>(
+        self,
+        a: &[T],
+        b_t: &[T],
+        x: &[f32],
+        scales: Option<&[f32]>,
+        y: &mut [f32],
+    ) {
+        let n = x.len() / self.inp;
+        let mut mid = vec![0f32; n * self.rank];
+        for r in 0..self.rank {
+            let ar = &a[r * self.inp..(r + 1) * self.inp];
+            for t in 0..n {
+                let s = scales.map_or(1.0, |s| s[t]);
+                mid[t * self.rank + r] = s * dot(ar, &x[t * self.inp..(t + 1) * self.inp]);
             }
-            let yi = &mut y[i * self.out..(i + 1) * self.out];
-            for (r, &tr) in t.iter().enumerate() {
-                let row = &b_t[r * self.out..(r + 1) * self.out];
-                for (yo, &b) in yi.iter_mut().zip(row) {
-                    *yo += tr * b.f32();
+        }
+        for r in 0..self.rank {
+            let br = &b_t[r * self.out..(r + 1) * self.out];
+            for t in 0..n {
+                let m = mid[t * self.rank + r];
+                if m == 0.0 {
+                    continue;
+                }
+                for (yo, &b) in y[t * self.out..(t + 1) * self.out].iter_mut().zip(br) {
+                    *yo += m * b.f32();
                 }
             }
         }
@@ -322,6 +370,8 @@ fn dot<T: Elem>(a: &[T], b: &[f32]) -> f32 {
 pub struct CompiledMix {
     plan: Plan,
     sites: BTreeMap<Site, SitePair>,
+    /// The adapters (gate > 0) it was compiled from, for the union form and provenance.
+    parts: Vec<(Arc<LoraAdapter>, f32)>,
 }
 
 impl CompiledMix {
@@ -366,9 +416,9 @@ impl CompiledMix {
             }
             _ => {}
         }
-        let live: Vec<&(Arc<LoraAdapter>, f32)> = match plan {
+        let live: Vec<(Arc<LoraAdapter>, f32)> = match plan {
             Plan::None => Vec::new(),
-            _ => adapters.iter().filter(|(_, g)| *g > 0.0).collect(),
+            _ => adapters.iter().filter(|(_, g)| *g > 0.0).cloned().collect(),
         };
         let mut by_site: BTreeMap<Site, Vec<(&crate::adapter::LoraFactors, f32)>> = BTreeMap::new();
         for (adapter, gate) in &live {
@@ -410,7 +460,11 @@ impl CompiledMix {
                 },
             );
         }
-        Ok(Self { plan, sites })
+        Ok(Self {
+            plan,
+            sites,
+            parts: live,
+        })
     }
 
     pub fn plan(&self) -> Plan {
@@ -420,22 +474,125 @@ impl CompiledMix {
     pub fn is_empty(&self) -> bool {
         self.sites.is_empty()
     }
+
+    /// The adapters it applies, with their gates.
+    pub fn parts(&self) -> &[(Arc<LoraAdapter>, f32)] {
+        &self.parts
+    }
+
+    /// Bytes a decode step reads from it.
+    pub fn bytes(&self) -> usize {
+        self.sites.values().map(SitePair::bytes).sum()
+    }
+
+    /// Whether the union form may apply its adapters one by one (a sum of gated terms).
+    fn is_sum(&self) -> bool {
+        matches!(self.plan, Plan::Mixture | Plan::Selection)
+    }
+}
+
+/// How a batch computes its rows' LoRA terms (ramole-paper.md section 3). Both give the same
+/// numbers; they differ in the bytes a decode step reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Each row computes only its own adapters through its compiled mixture; rows sharing a
+    /// mixture are grouped and read it once (Punica's gather).
+    Gather,
+    /// Every distinct adapter of the batch is read once and applied to each row that uses it
+    /// with the row's gate from the mapping matrix (the paper's union form, skipping M's zeros
+    /// instead of computing and masking them). Fusion rows keep their averaged pair.
+    Union,
 }
 
 /// The per-row LoRA terms of one batch: row `i` uses `rows[i]` (`None`: the base model).
 pub struct MixDelta {
-    pub rows: Vec<Option<Arc<CompiledMix>>>,
+    rows: Vec<Option<Arc<CompiledMix>>>,
+    mapping: crate::batch::Mapping,
+    /// The adapters of `mapping.union`, in its order.
+    union: Vec<Arc<LoraAdapter>>,
+    strategy: Strategy,
+}
+
+/// Identity of a shared value, for grouping.
+fn key<T>(a: &Arc<T>) -> usize {
+    Arc::as_ptr(a) as *const () as usize
 }
 
 impl MixDelta {
-    /// The delta of `site`, with `direct` choosing the loop for short rows (the fast path) or
-    /// the GEMM for every row (its reference).
-    fn delta_with(
+    /// The rows' mixtures, computed with the strategy that reads fewer bytes
+    /// ([`MixDelta::estimate`]).
+    pub fn new(rows: Vec<Option<Arc<CompiledMix>>>) -> Self {
+        let mixes: Vec<crate::batch::RowMix> = rows
+            .iter()
+            .map(|m| crate::batch::RowMix {
+                mix: m.as_ref().map(key),
+                adapters: m
+                    .as_ref()
+                    .filter(|m| m.is_sum())
+                    .map(|m| m.parts.iter().map(|(a, g)| (key(a), *g)).collect())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        let mapping = crate::batch::Mapping::new(&mixes)
+            .expect("compiled mixtures hold checked gates and distinct adapters");
+        let mut by_key = std::collections::HashMap::new();
+        for m in rows.iter().flatten() {
+            for (a, _) in &m.parts {
+                by_key.insert(key(a), a.clone());
+            }
+        }
+        let union = mapping.union.iter().map(|k| by_key[k].clone()).collect();
+        let mut d = Self {
+            rows,
+            mapping,
+            union,
+            strategy: Strategy::Gather,
+        };
+        let (gather, union) = d.estimate();
+        if union < gather {
+            d.strategy = Strategy::Union;
+        }
+        d
+    }
+
+    /// One row.
+    pub fn single(mix: Option<Arc<CompiledMix>>) -> Self {
+        Self::new(vec![mix])
+    }
+
+    /// The same rows computed with `strategy`.
+    pub fn with_strategy(mut self, strategy: Strategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    /// Bytes of adapter factors one decode step reads under (gather, union).
+    pub fn estimate(&self) -> (usize, usize) {
+        let mut gather = 0;
+        let mut fused = 0;
+        for g in &self.mapping.groups {
+            let m = self.rows[g.rows[0]]
+                .as_ref()
+                .expect("grouped rows have a mix");
+            gather += m.bytes();
+            if !m.is_sum() {
+                fused += m.bytes();
+            }
+        }
+        let union = fused + self.union.iter().map(|a| a.bytes()).sum::<usize>();
+        (gather, union)
+    }
+
+    fn delta_fast(
         &self,
         site: Site,
         x: &Tensor,
-        rows: &[RowSpan],
-        direct: bool,
+        spans: &[RowSpan],
     ) -> candle_core::Result<Option<Tensor>> {
         let pair = |i: usize| {
             self.rows
@@ -443,32 +600,221 @@ impl MixDelta {
                 .and_then(|m| m.as_ref())
                 .and_then(|m| m.sites.get(&site))
         };
-        let Some(out) = (0..rows.len()).find_map(pair).map(|p| p.out) else {
-            return Ok(None);
+        let union_here: Vec<(usize, &crate::adapter::LoraFactors)> = match self.strategy {
+            Strategy::Gather => Vec::new(),
+            Strategy::Union => self
+                .union
+                .iter()
+                .enumerate()
+                .filter_map(|(j, a)| a.factors(site).map(|f| (j, f)))
+                .collect(),
         };
-        let mut parts = Vec::with_capacity(rows.len());
-        for (i, span) in rows.iter().enumerate() {
-            let xr = x.narrow(0, span.start, span.len)?;
-            match pair(i) {
-                Some(p) if direct && span.len <= DIRECT_MAX_TOKENS => {
-                    let xs: Vec<f32> = xr.flatten_all()?.to_vec1()?;
-                    let mut y = vec![0f32; span.len * out];
-                    p.apply_direct(&xs, span.len, &mut y);
-                    parts.push(Tensor::from_vec(y, (span.len, out), x.device())?);
-                }
-                Some(p) => parts.push(p.apply_gemm(&xr)?),
-                None => parts.push(Tensor::zeros((span.len, out), x.dtype(), x.device())?),
+        let out = match (0..spans.len()).find_map(pair) {
+            Some(p) => p.out,
+            None => match union_here.first() {
+                Some((_, f)) => f.b.dim(0)?,
+                None => return Ok(None),
+            },
+        };
+        let inp = x.dim(1)?;
+        let n = x.dim(0)?;
+        let x = x.contiguous()?;
+        let Some(xr) = Raw::of(&x) else {
+            return self.reference_delta(site, &x, spans);
+        };
+        let xs = xr.slice();
+        // Work items: each reads one pair (a group's compiled mixture, or one union adapter)
+        // for the tokens of the rows it serves, and returns their terms to add.
+        enum Item<'a> {
+            Compiled(&'a SitePair),
+            Adapter(&'a crate::adapter::LoraFactors, usize),
+        }
+        let mut items: Vec<(Item<'_>, Vec<usize>)> = Vec::new();
+        for g in &self.mapping.groups {
+            let m = self.rows[g.rows[0]]
+                .as_ref()
+                .expect("grouped rows have a mix");
+            if self.strategy == Strategy::Union && m.is_sum() {
+                continue;
+            }
+            if let Some(p) = m.sites.get(&site) {
+                items.push((Item::Compiled(p), g.rows.clone()));
             }
         }
-        if parts.len() == 1 {
-            return Ok(parts.pop());
+        for (j, f) in &union_here {
+            let rows: Vec<usize> = (0..spans.len())
+                .filter(|&i| self.mapping.mapping[i][*j] > 0.0)
+                .collect();
+            if !rows.is_empty() {
+                items.push((Item::Adapter(f, *j), rows));
+            }
         }
-        Tensor::cat(&parts, 0).map(Some)
+        let factor_views: Vec<_> = items
+            .iter()
+            .map(|(it, _)| match it {
+                Item::Adapter(f, _) => Raw::of(&f.a).zip(Raw::of(&f.b_t)),
+                Item::Compiled(_) => None,
+            })
+            .collect();
+        let terms: Vec<candle_core::Result<Vec<f32>>> = items
+            .par_iter()
+            .zip(factor_views.par_iter())
+            .map(|((item, rows), view)| {
+                let mut xg = Vec::new();
+                for &i in rows {
+                    let s = spans[i];
+                    xg.extend_from_slice(&xs[s.start * inp..(s.start + s.len) * inp]);
+                }
+                let tokens = xg.len() / inp;
+                let short = rows.iter().all(|&i| spans[i].len <= DIRECT_MAX_TOKENS);
+                let mut y = vec![0f32; tokens * out];
+                match item {
+                    Item::Compiled(p) if short => p.apply_direct(&xg, &mut y),
+                    Item::Compiled(p) => {
+                        let xt = Tensor::from_vec(xg, (tokens, inp), x.device())?;
+                        y = p.apply_gemm(&xt)?.flatten_all()?.to_vec1()?;
+                    }
+                    Item::Adapter(f, j) => {
+                        let scales: Vec<f32> = rows
+                            .iter()
+                            .flat_map(|&i| {
+                                let s = self.mapping.mapping[i][*j] * f.scale;
+                                std::iter::repeat_n(s, spans[i].len)
+                            })
+                            .collect();
+                        let (a, b_t) = view.as_ref().expect("adapter factors are on the CPU");
+                        let shape = LowRank {
+                            rank: f.rank(),
+                            inp,
+                            out,
+                        };
+                        shape.apply(a.slice(), b_t.slice(), &xg, Some(&scales), &mut y);
+                    }
+                }
+                Ok(y)
+            })
+            .collect();
+        let mut y = vec![0f32; n * out];
+        for ((_, rows), term) in items.iter().zip(terms) {
+            let term = term?;
+            let mut at = 0;
+            for &i in rows {
+                let s = spans[i];
+                let dst = &mut y[s.start * out..(s.start + s.len) * out];
+                for (d, v) in dst.iter_mut().zip(&term[at..at + s.len * out]) {
+                    *d += v;
+                }
+                at += s.len * out;
+            }
+        }
+        Tensor::from_vec(y, (n, out), x.device()).map(Some)
     }
 
-    /// Every row through the GEMM: the slow reference of the direct decode loop.
+    /// The paper's union form with candle ops (ramole-paper.md section 3): for every adapter of
+    /// the batch, `V = s (X Aᵀ) Bᵀ` over all tokens, weighted by the mapping matrix column of
+    /// each token's row and summed; fusion rows get `((M B)(M A)) x` from their own gates.
+    fn reference_delta(
+        &self,
+        site: Site,
+        x: &Tensor,
+        spans: &[RowSpan],
+    ) -> candle_core::Result<Option<Tensor>> {
+        let n = x.dim(0)?;
+        let mut y: Option<Tensor> = None;
+        let mut add = |t: Tensor| -> candle_core::Result<()> {
+            y = Some(match y.take() {
+                Some(y) => (y + t)?,
+                None => t,
+            });
+            Ok(())
+        };
+        for (j, adapter) in self.union.iter().enumerate() {
+            let Some(f) = adapter.factors(site) else {
+                continue;
+            };
+            let v = (x.matmul(&f.a.t()?)?.matmul(&f.b.t()?)? * f.scale as f64)?;
+            let mut m = Vec::with_capacity(n);
+            for (i, s) in spans.iter().enumerate() {
+                m.extend(std::iter::repeat_n(self.mapping.mapping[i][j], s.len));
+            }
+            add(v.broadcast_mul(&Tensor::from_vec(m, (n, 1), x.device())?)?)?;
+        }
+        for (i, s) in spans.iter().enumerate() {
+            let Some(mix) = self.rows[i].as_ref().filter(|m| m.plan == Plan::Fusion) else {
+                continue;
+            };
+            let mut fa: Option<Tensor> = None;
+            let mut fb: Option<Tensor> = None;
+            for (adapter, g) in &mix.parts {
+                let Some(f) = adapter.factors(site) else {
+                    continue;
+                };
+                let a = (&f.a * *g as f64)?;
+                let b = (&f.b * (*g * f.scale) as f64)?;
+                fa = Some(match fa {
+                    Some(t) => (t + a)?,
+                    None => a,
+                });
+                fb = Some(match fb {
+                    Some(t) => (t + b)?,
+                    None => b,
+                });
+            }
+            if let (Some(fa), Some(fb)) = (fa, fb) {
+                let part = x
+                    .narrow(0, s.start, s.len)?
+                    .matmul(&fa.t()?)?
+                    .matmul(&fb.t()?)?;
+                let out = part.dim(1)?;
+                let full = Tensor::cat(
+                    &[
+                        Tensor::zeros((s.start, out), x.dtype(), x.device())?,
+                        part,
+                        Tensor::zeros((n - s.start - s.len, out), x.dtype(), x.device())?,
+                    ],
+                    0,
+                )?;
+                add(full)?;
+            }
+        }
+        Ok(y)
+    }
+
+    /// The paper's union form computed densely with candle: the slow reference of both
+    /// strategies.
     pub fn reference(&self) -> MixReference<'_> {
         MixReference(self)
+    }
+}
+
+/// Read access to the f32 values of a contiguous CPU tensor, without a copy.
+struct Raw<G> {
+    guard: G,
+    start: usize,
+    end: usize,
+}
+
+impl<G: std::ops::Deref<Target = candle_core::Storage>> Raw<G> {
+    fn slice(&self) -> &[f32] {
+        match &*self.guard {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => &v[self.start..self.end],
+            _ => unreachable!("checked in Raw::of"),
+        }
+    }
+}
+
+impl Raw<()> {
+    /// `None` for tensors that are not contiguous f32 in CPU memory.
+    fn of(
+        t: &Tensor,
+    ) -> Option<Raw<impl std::ops::Deref<Target = candle_core::Storage> + Sync + '_>> {
+        let (guard, layout) = t.storage_and_layout();
+        let (start, end) = layout.contiguous_offsets()?;
+        matches!(
+            &*guard,
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(_))
+        )
+        .then_some(Raw { guard, start, end })
     }
 }
 
@@ -479,11 +825,11 @@ impl SiteDelta for MixDelta {
         x: &Tensor,
         rows: &[RowSpan],
     ) -> candle_core::Result<Option<Tensor>> {
-        self.delta_with(site, x, rows, true)
+        self.delta_fast(site, x, rows)
     }
 }
 
-/// [`MixDelta`] computed with the GEMM for every row.
+/// [`MixDelta`] computed by its slow reference.
 pub struct MixReference<'a>(&'a MixDelta);
 
 impl SiteDelta for MixReference<'_> {
@@ -493,7 +839,7 @@ impl SiteDelta for MixReference<'_> {
         x: &Tensor,
         rows: &[RowSpan],
     ) -> candle_core::Result<Option<Tensor>> {
-        self.0.delta_with(site, x, rows, false)
+        self.0.reference_delta(site, x, rows)
     }
 }
 

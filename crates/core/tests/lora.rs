@@ -11,7 +11,7 @@ use candle_core::quantized::GgmlDType;
 use common::*;
 use ramole_core::adapter::{AdapterError, LoraAdapter};
 use ramole_core::model::{Decoder, LogitsAt, NoDelta, RowInput, SiteDelta};
-use ramole_core::mole::{CompiledMix, MixDelta, Plan, Precision};
+use ramole_core::mole::{CompiledMix, MixDelta, Plan, Precision, Strategy};
 use serde_json::Value;
 
 fn lora_dir(name: &str) -> std::path::PathBuf {
@@ -47,9 +47,7 @@ fn last_with(d: &Decoder, ids: &[u32], delta: &dyn SiteDelta) -> Vec<f32> {
 }
 
 fn one_row(mix: &Arc<CompiledMix>) -> MixDelta {
-    MixDelta {
-        rows: vec![Some(mix.clone())],
-    }
+    MixDelta::new(vec![Some(mix.clone())])
 }
 
 fn want(run: &str, case: usize) -> Vec<f32> {
@@ -128,9 +126,7 @@ fn rows_with_different_adapter_sets_share_one_forward() {
         Plan::Mixture,
         &[("all-linear-r4", 0.5), ("rslora-r8", 0.3), ("qv-r4", 0.2)],
     );
-    let delta = MixDelta {
-        rows: vec![Some(sel.clone()), Some(mix.clone()), None],
-    };
+    let delta = MixDelta::new(vec![Some(sel.clone()), Some(mix.clone()), None]);
     let mut caches: Vec<_> = cases.iter().map(|_| d.new_cache()).collect();
     let rows: Vec<RowInput> = cases.iter().map(|c| RowInput { tokens: c }).collect();
     let mut refs: Vec<&mut _> = caches.iter_mut().collect();
@@ -147,6 +143,81 @@ fn rows_with_different_adapter_sets_share_one_forward() {
     assert!(max_abs_diff(&got[0], &last_with(d, &cases[0], &one_row(&sel))) < 1e-5);
     assert!(max_abs_diff(&got[1], &last_with(d, &cases[1], &one_row(&mix))) < 1e-5);
     assert!(max_abs_diff(&got[2], &last_with(d, &cases[2], &NoDelta)) < 1e-5);
+}
+
+#[test]
+fn gather_union_and_the_papers_dense_union_agree_on_a_mixed_batch() {
+    let model = load(&fixture("tiny-llama"));
+    let d = &model.decoder;
+    let cases: Vec<Vec<u32>> = expected("tiny-llama").iter().map(ids_of).collect();
+    // One loaded copy of each adapter, shared by the rows that use it (as the engine shares them).
+    let (al, rs, qv) = (
+        adapter(d, "all-linear-r4"),
+        adapter(d, "rslora-r8"),
+        adapter(d, "qv-r4"),
+    );
+    let mix = |plan: Plan, parts: &[(&Arc<LoraAdapter>, f32)]| {
+        let parts: Vec<_> = parts.iter().map(|(a, g)| ((*a).clone(), *g)).collect();
+        Some(Arc::new(CompiledMix::new(plan, &parts).unwrap()))
+    };
+    let shared = mix(Plan::Mixture, &[(&al, 0.5), (&rs, 0.3), (&qv, 0.2)]);
+    let rows = vec![
+        mix(Plan::Selection, &[(&rs, 1.0)]),
+        shared.clone(),
+        mix(Plan::Mixture, &[(&al, 0.5), (&qv, 0.5)]),
+        mix(Plan::Fusion, &[(&al, 0.6), (&qv, 0.4)]),
+        None,
+        shared,
+    ];
+    let n = rows.len();
+    let auto = MixDelta::new(rows.clone());
+    let (gather_bytes, union_bytes) = auto.estimate();
+    // Three distinct adapters serve four mixture rows: the union reads fewer bytes.
+    assert!(
+        union_bytes < gather_bytes,
+        "{union_bytes} vs {gather_bytes}"
+    );
+    assert_eq!(auto.strategy(), Strategy::Union);
+    let deltas = [
+        MixDelta::new(rows.clone()).with_strategy(Strategy::Gather),
+        MixDelta::new(rows.clone()).with_strategy(Strategy::Union),
+    ];
+    let reference = MixDelta::new(rows);
+    let reference = reference.reference();
+    let run = |delta: &dyn SiteDelta| -> Vec<Vec<Vec<f32>>> {
+        let mut caches: Vec<_> = (0..n).map(|_| d.new_cache()).collect();
+        let prompts: Vec<&[u32]> = (0..n).map(|i| &cases[i % cases.len()][..]).collect();
+        let mut steps = Vec::new();
+        // A prefill of several tokens per row (the GEMM path), then single-token steps (the
+        // direct loops).
+        let mut inputs: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+        for _ in 0..3 {
+            let rows: Vec<RowInput> = inputs.iter().map(|t| RowInput { tokens: t }).collect();
+            let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+            let logits: Vec<Vec<f32>> = d
+                .forward(&rows, &mut refs, LogitsAt::Last, delta)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            inputs = (0..n).map(|i| vec![(7 + 13 * i as u32) % 200]).collect();
+            steps.push(logits);
+        }
+        steps
+    };
+    let want = run(&reference);
+    for delta in &deltas {
+        let got = run(delta);
+        for (s, (g, w)) in got.iter().zip(&want).enumerate() {
+            for i in 0..n {
+                let diff = max_abs_diff(&g[i], &w[i]);
+                assert!(
+                    diff < 1e-4,
+                    "{:?}, step {s}, row {i}: {diff}",
+                    delta.strategy()
+                );
+            }
+        }
+    }
 }
 
 #[test]
@@ -418,16 +489,12 @@ fn decode_loop_equals_the_gemm_reference_and_bf16_stays_close() {
     .iter()
     .map(|(n, g)| (adapter(d, n), *g))
     .collect();
-    let exact = MixDelta {
-        rows: vec![Some(Arc::new(
-            CompiledMix::new(Plan::Mixture, &parts).unwrap(),
-        ))],
-    };
-    let compact = MixDelta {
-        rows: vec![Some(Arc::new(
-            CompiledMix::with_precision(Plan::Mixture, &parts, Precision::Bf16).unwrap(),
-        ))],
-    };
+    let exact = MixDelta::new(vec![Some(Arc::new(
+        CompiledMix::new(Plan::Mixture, &parts).unwrap(),
+    ))]);
+    let compact = MixDelta::new(vec![Some(Arc::new(
+        CompiledMix::with_precision(Plan::Mixture, &parts, Precision::Bf16).unwrap(),
+    ))]);
     let reference = exact.reference();
     let ids = ids_of(&expected("tiny-llama")[0]);
     let (mut c1, mut c2, mut c3, mut c4) =

@@ -532,17 +532,7 @@ impl Decoder {
         let scores = (q.matmul(&k_all.t()?)? * scale)?; // [nkv, group * t, T]
         let window = self.cfg.sliding_window.filter(|&w| w < total);
         let scores = if t > 1 || window.is_some() {
-            let mut mask = vec![0f32; t * total];
-            for i in 0..t {
-                let qpos = pos + i;
-                for (j, m) in mask[i * total..(i + 1) * total].iter_mut().enumerate() {
-                    let future = j > qpos;
-                    let too_old = window.is_some_and(|w| qpos >= w && j <= qpos - w);
-                    if future || too_old {
-                        *m = f32::NEG_INFINITY;
-                    }
-                }
-            }
+            let mask = crate::batch::causal_mask(pos, t, window);
             let mask = Tensor::from_vec(mask, (t, total), &self.device)?;
             scores
                 .reshape((nkv, group, t, total))?

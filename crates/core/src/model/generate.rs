@@ -12,12 +12,14 @@ use super::loader::Model;
 use super::sample::{Sampler, Sampling};
 use super::{ModelError, Result};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GenerateParams {
     pub max_tokens: usize,
     pub sampling: Sampling,
     /// Generation stops before the first occurrence of any of these; they are not printed.
     pub stop: Vec<String>,
+    /// Keep generating past end-of-generation tokens (benchmarks that need a fixed length).
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerateParams {
@@ -26,6 +28,7 @@ impl Default for GenerateParams {
             max_tokens: 256,
             sampling: Sampling::default(),
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 }
@@ -39,6 +42,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the context length.
     Length,
+    /// The request was cancelled (or its receiver went away).
+    Cancelled,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -134,15 +139,9 @@ fn longest_prefix_suffix(text: &str, stop: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// Generates a continuation of `prompt` (token ids, already templated), calling `on_text` with
-/// each printable piece.
-pub fn generate(
-    model: &Model,
-    prompt: &[u32],
-    params: &GenerateParams,
-    delta: &dyn SiteDelta,
-    on_text: &mut dyn FnMut(&str),
-) -> Result<Generation> {
+/// Checks a request before any work: a non-empty prompt that leaves room in the context, a
+/// token limit of at least 1 and valid sampling settings.
+pub fn check_request(model: &Model, prompt: &[u32], params: &GenerateParams) -> Result<()> {
     if prompt.is_empty() {
         return Err(ModelError::Input("the prompt has no tokens".into()));
     }
@@ -153,10 +152,135 @@ pub fn generate(
             prompt.len()
         )));
     }
-    let mut sampler = Sampler::new(params.sampling.clone())?;
+    if params.max_tokens == 0 {
+        return Err(ModelError::Input("max_tokens must be at least 1".into()));
+    }
+    let vocab = model.decoder.config().vocab_size;
+    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ModelError::Input(format!(
+            "token id {bad} is outside the vocabulary of {vocab} tokens"
+        )));
+    }
+    params.sampling.validate()
+}
+
+/// What a row does after its logits: feed the sampled token, or stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    Feed(u32),
+    Finish(FinishReason),
+}
+
+/// The sampling side of one request: sampler, generated ids and the text stream. The single
+/// request loop ([`generate`]) and the engine's batch rows both drive it, so a row behaves
+/// exactly like the request alone.
+pub struct Decoding {
+    sampler: Sampler,
+    stream: TextStream,
+    generated: Vec<u32>,
+    max_tokens: usize,
+    ignore_eos: bool,
+    ctx: usize,
+}
+
+impl Decoding {
+    pub fn new(model: &Model, params: &GenerateParams) -> Result<Self> {
+        Ok(Self {
+            sampler: Sampler::new(params.sampling.clone())?,
+            stream: TextStream::new(&params.stop),
+            generated: Vec::new(),
+            max_tokens: params.max_tokens,
+            ignore_eos: params.ignore_eos,
+            ctx: model.decoder.config().max_position_embeddings,
+        })
+    }
+
+    /// Samples from `logits` (the last position; `cached` positions are in the row's cache),
+    /// streams the printable text through `on_text` and says what comes next.
+    pub fn advance(
+        &mut self,
+        model: &Model,
+        logits: &[f32],
+        cached: usize,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Next> {
+        if self.generated.len() >= self.max_tokens {
+            return Ok(self.finish(FinishReason::Length, on_text));
+        }
+        let next = self.sampler.sample(logits);
+        if model.tokenizer.is_eos(next) && !self.ignore_eos {
+            return Ok(self.finish(FinishReason::Eos, on_text));
+        }
+        self.generated.push(next);
+        let (piece, stopped) = self.stream.update(model.tokenizer.decode(&self.generated)?);
+        if !piece.is_empty() {
+            on_text(&piece);
+        }
+        if stopped {
+            return Ok(Next::Finish(FinishReason::Stop));
+        }
+        if self.generated.len() >= self.max_tokens || cached + 1 >= self.ctx {
+            return Ok(self.finish(FinishReason::Length, on_text));
+        }
+        Ok(Next::Feed(next))
+    }
+
+    /// Ends without a stop string: releases the held-back text.
+    pub fn finish(&mut self, reason: FinishReason, on_text: &mut dyn FnMut(&str)) -> Next {
+        let rest = self.stream.finish();
+        if !rest.is_empty() {
+            on_text(&rest);
+        }
+        Next::Finish(reason)
+    }
+
+    pub fn generated(&self) -> &[u32] {
+        &self.generated
+    }
+
+    /// The result, with `timings` measured by the caller.
+    pub fn into_generation(
+        self,
+        prompt_tokens: usize,
+        finish_reason: FinishReason,
+        timings: Timings,
+    ) -> Generation {
+        Generation {
+            text: self.stream.text().to_string(),
+            prompt_tokens,
+            generated_tokens: self.generated.len(),
+            token_ids: self.generated,
+            finish_reason,
+            timings,
+        }
+    }
+}
+
+impl Timings {
+    /// Rates from the prefill and decode wall times.
+    pub fn new(prompt_tokens: usize, prefill_s: f64, decode_steps: usize, decode_s: f64) -> Self {
+        let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+        Self {
+            prefill_s,
+            decode_s,
+            prefill_tok_s: rate(prompt_tokens, prefill_s),
+            decode_tok_s: rate(decode_steps, decode_s),
+        }
+    }
+}
+
+/// Generates a continuation of `prompt` (token ids, already templated), calling `on_text` with
+/// each printable piece. One request alone: the reference the engine's batch rows are held to.
+pub fn generate(
+    model: &Model,
+    prompt: &[u32],
+    params: &GenerateParams,
+    delta: &dyn SiteDelta,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    check_request(model, prompt, params)?;
+    let mut decoding = Decoding::new(model, params)?;
     let mut cache = model.decoder.new_cache();
-    let mut stream = TextStream::new(&params.stop);
-    let mut generated: Vec<u32> = Vec::new();
     let t0 = Instant::now();
     let logits = model.decoder.forward(
         &[RowInput { tokens: prompt }],
@@ -169,54 +293,27 @@ pub fn generate(
     let t1 = Instant::now();
     let mut decode_steps = 0usize;
     let finish = loop {
-        if generated.len() >= params.max_tokens {
-            break FinishReason::Length;
+        match decoding.advance(model, &logits, cache.len(), on_text)? {
+            Next::Finish(reason) => break reason,
+            Next::Feed(next) => {
+                let out = model.decoder.forward(
+                    &[RowInput { tokens: &[next] }],
+                    &mut [&mut cache],
+                    LogitsAt::Last,
+                    delta,
+                )?;
+                logits = out.squeeze(0)?.to_vec1()?;
+                decode_steps += 1;
+            }
         }
-        let next = sampler.sample(&logits);
-        if model.tokenizer.is_eos(next) {
-            break FinishReason::Eos;
-        }
-        generated.push(next);
-        let (piece, stopped) = stream.update(model.tokenizer.decode(&generated)?);
-        if !piece.is_empty() {
-            on_text(&piece);
-        }
-        if stopped {
-            break FinishReason::Stop;
-        }
-        if generated.len() >= params.max_tokens || cache.len() + 1 >= ctx {
-            break FinishReason::Length;
-        }
-        let out = model.decoder.forward(
-            &[RowInput { tokens: &[next] }],
-            &mut [&mut cache],
-            LogitsAt::Last,
-            delta,
-        )?;
-        logits = out.squeeze(0)?.to_vec1()?;
-        decode_steps += 1;
     };
-    if finish != FinishReason::Stop {
-        let rest = stream.finish();
-        if !rest.is_empty() {
-            on_text(&rest);
-        }
-    }
-    let decode_s = t1.elapsed().as_secs_f64();
-    let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
-    Ok(Generation {
-        text: stream.text().to_string(),
-        prompt_tokens: prompt.len(),
-        generated_tokens: generated.len(),
-        token_ids: generated,
-        finish_reason: finish,
-        timings: Timings {
-            prefill_s,
-            decode_s,
-            prefill_tok_s: rate(prompt.len(), prefill_s),
-            decode_tok_s: rate(decode_steps, decode_s),
-        },
-    })
+    let timings = Timings::new(
+        prompt.len(),
+        prefill_s,
+        decode_steps,
+        t1.elapsed().as_secs_f64(),
+    );
+    Ok(decoding.into_generation(prompt.len(), finish, timings))
 }
 
 #[cfg(test)]

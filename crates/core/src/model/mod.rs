@@ -19,7 +19,9 @@ use std::path::PathBuf;
 pub use cache::SeqCache;
 pub use config::{Arch, ModelConfig, RopeScaling, RopeStyle};
 pub use decoder::{Decoder, LogitsAt, Requantize, RowInput};
-pub use generate::{FinishReason, GenerateParams, Generation, Timings, generate};
+pub use generate::{
+    Decoding, FinishReason, GenerateParams, Generation, Next, Timings, check_request, generate,
+};
 pub use linear::{
     DENSE_PREFILL_MIN_ROWS, Linear, LinearWeight, NoDelta, RowSpan, Site, SiteDelta, SiteKind,
 };
