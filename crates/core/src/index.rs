@@ -5,6 +5,11 @@
 //!
 //! File layout (`index.usearch`): `RAMOLEIX` magic, u32 LE header length, header JSON, u64 LE
 //! payload length, usearch payload, u64 LE FNV-1a of the payload. Written atomically.
+//!
+//! Searching: up to [`FLAT_MAX`] vectors a query is an exact scan of an f16 copy of the vectors
+//! kept beside the usearch index ([`flat`]), rescored in f32, so exact and well under a
+//! millisecond at 10k adapters; above that the usearch HNSW graph answers (approximate, but its
+//! cost grows only logarithmically).
 
 use std::path::Path;
 
@@ -15,8 +20,10 @@ use crate::files;
 
 const MAGIC: &[u8; 8] = b"RAMOLEIX";
 
-/// Below this many vectors the search is an exact scan (cheap, and no approximation at all).
-const EXACT_BELOW: usize = 4096;
+/// Up to this many vectors a search is the exact flat scan; above it, the HNSW graph. An f16
+/// scan streams `2 × dims` bytes a vector (15 KiB.. per 20 adapters at 384 dims): at 20k
+/// adapters that is ~15 MiB and about the HNSW's latency (performance-notes 4.4).
+pub const FLAT_MAX: usize = 20_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -86,6 +93,10 @@ struct Header {
 
 pub struct AdapterIndex {
     index: Index,
+    /// The same vectors for the exact scan (always in step with `index`).
+    flat: flat::FlatVectors,
+    /// Up to this many vectors a search is the exact scan ([`FLAT_MAX`] unless changed).
+    exact_limit: usize,
     spec: IndexSpec,
     generation: u64,
 }
@@ -100,6 +111,8 @@ impl AdapterIndex {
         let index = Index::new(&options(&spec)).map_err(usearch_err)?;
         Ok(Self {
             index,
+            flat: flat::FlatVectors::new(spec.dims),
+            exact_limit: FLAT_MAX,
             spec,
             generation,
         })
@@ -128,6 +141,12 @@ impl AdapterIndex {
         self.generation = generation;
     }
 
+    /// Searches indexes of up to `limit` vectors by the exact scan, larger ones by the HNSW
+    /// graph (tests and benchmarks use it to reach the HNSW with few vectors).
+    pub fn set_exact_limit(&mut self, limit: usize) {
+        self.exact_limit = limit;
+    }
+
     pub fn len(&self) -> usize {
         self.index.size()
     }
@@ -151,13 +170,16 @@ impl AdapterIndex {
             self.index.reserve(grow).map_err(usearch_err)?;
         }
         let v = prepare(self.spec.scoring, vector);
-        self.index.add(key, &v).map_err(usearch_err)
+        self.index.add(key, &v).map_err(usearch_err)?;
+        self.flat.upsert(key, &v);
+        Ok(())
     }
 
     pub fn remove(&mut self, key: u64) -> Result<()> {
         if self.index.contains(key) {
             self.index.remove(key).map_err(usearch_err)?;
         }
+        self.flat.remove(key);
         Ok(())
     }
 
@@ -172,7 +194,9 @@ impl AdapterIndex {
     }
 
     /// The `k` best `(key, score)` for `query`, best first, skipping keys for which `skip`
-    /// says true. Score is cosine similarity or inner product, per the spec's scoring.
+    /// says true. Score is cosine similarity or inner product, per the spec's scoring. Exact
+    /// up to [`FLAT_MAX`] vectors (see [`AdapterIndex::set_exact_limit`]), the HNSW's
+    /// approximation above.
     pub fn search(
         &self,
         query: &[f32],
@@ -183,36 +207,43 @@ impl AdapterIndex {
         if k == 0 || self.is_empty() {
             return Ok(Vec::new());
         }
-        let hits = |m: usearch::ffi::Matches| -> Vec<(u64, f32)> {
-            m.keys
-                .iter()
-                .zip(&m.distances)
-                .filter(|(key, _)| !skip(**key))
-                .map(|(&key, &d)| (key, 1.0 - d))
-                .collect()
-        };
-        let mut out = if self.len() < EXACT_BELOW {
-            // Exact scan; fetch a margin for skipped keys, everything when that was not enough.
-            let fetch = (k + 16).min(self.len());
-            let mut out = hits(self.index.exact_search(query, fetch).map_err(usearch_err)?);
-            if out.len() < k && fetch < self.len() {
-                out = hits(
-                    self.index
-                        .exact_search(query, self.len())
-                        .map_err(usearch_err)?,
-                );
-            }
-            out
-        } else {
-            self.index.change_expansion_search((4 * k).max(64));
-            hits(
-                self.index
-                    .filtered_search(query, k, |key| !skip(key))
-                    .map_err(usearch_err)?,
-            )
-        };
-        // Ties broken by key so results are deterministic.
-        out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if self.len() <= self.exact_limit {
+            let q = prepare(self.spec.scoring, query);
+            return Ok(self.flat.search(&q, k, skip, &|key, buf: &mut Vec<f32>| {
+                buf.resize(self.spec.dims, 0.0);
+                matches!(self.index.get(key, buf), Ok(n) if n > 0)
+            }));
+        }
+        self.index.change_expansion_search((4 * k).max(64));
+        let mut out = hits(
+            self.index
+                .filtered_search(query, k, |key| !skip(key))
+                .map_err(usearch_err)?,
+            skip,
+        );
+        sort_hits(&mut out);
+        out.truncate(k);
+        Ok(out)
+    }
+
+    /// [`AdapterIndex::search`] by usearch's own exact scan, whatever the size: the slow
+    /// reference the flat scan and the HNSW are checked against.
+    pub fn search_reference(
+        &self,
+        query: &[f32],
+        k: usize,
+        skip: &dyn Fn(u64) -> bool,
+    ) -> Result<Vec<(u64, f32)>> {
+        self.check_dims(query)?;
+        if k == 0 || self.is_empty() {
+            return Ok(Vec::new());
+        }
+        let all = self
+            .index
+            .exact_search(query, self.len())
+            .map_err(usearch_err)?;
+        let mut out = hits(all, skip);
+        sort_hits(&mut out);
         out.truncate(k);
         Ok(out)
     }
@@ -281,8 +312,12 @@ impl AdapterIndex {
         if index.size() != header.count || index.dimensions() != header.spec.dims {
             return Err(corrupt("payload disagrees with the header"));
         }
+        let flat = flat::FlatVectors::from_index(&index, header.spec.dims)
+            .map_err(|e| corrupt(&format!("usearch payload: {e}")))?;
         Ok(Self {
             index,
+            flat,
+            exact_limit: FLAT_MAX,
             spec: header.spec,
             generation: header.generation,
         })
@@ -365,8 +400,292 @@ fn prepare(scoring: Scoring, v: &[f32]) -> Vec<f32> {
     }
 }
 
+/// usearch matches as `(key, score)`, without the skipped keys.
+fn hits(m: usearch::ffi::Matches, skip: &dyn Fn(u64) -> bool) -> Vec<(u64, f32)> {
+    m.keys
+        .iter()
+        .zip(&m.distances)
+        .filter(|(key, _)| !skip(**key))
+        .map(|(&key, &d)| (key, 1.0 - d))
+        .collect()
+}
+
+/// Best first; ties broken by key so results are deterministic.
+fn sort_hits(hits: &mut [(u64, f32)]) {
+    hits.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h = files::Fnv1a::default();
     h.update(bytes);
     h.finish()
+}
+
+mod flat {
+    //! The exact scan: every vector as IEEE f16 in one contiguous block (half the bytes of the
+    //! usearch copy, so half the memory traffic), scored against the f32 query in one pass.
+    //! f16 rounding moves a score by at most [`f16_error`]; every vector whose rounded score
+    //! comes within twice that of the k-th best is rescored from usearch's f32 vector, so the
+    //! answer is the exact top k.
+
+    use std::collections::HashMap;
+
+    /// Relative error of a dot product with f16-rounded weights: the rounding (2⁻¹¹ ≈ 4.9e-4
+    /// of each element) plus f32 accumulation over a few hundred terms, with a 2× margin.
+    const REL_ERROR: f32 = 1e-3;
+    /// Largest magnitude kept as f16; a vector with a larger element is always rescored.
+    const F16_MAX: f32 = 65_000.0;
+
+    /// The bound on `|rounded score − score|` for a query of norm `q_norm` against vectors of
+    /// norm at most `max_norm` (Cauchy–Schwarz over the per-element rounding; the additive term
+    /// covers f16 subnormals).
+    pub(super) fn f16_error(q_norm: f32, max_norm: f32) -> f32 {
+        REL_ERROR * q_norm * (max_norm + 1e-3)
+    }
+
+    pub(super) struct FlatVectors {
+        dims: usize,
+        keys: Vec<u64>,
+        /// `keys.len() × dims` f16 bits, row `i` the vector of `keys[i]`.
+        rows: Vec<u16>,
+        /// Rows with an element beyond f16's range: never approximated, always rescored.
+        wide: Vec<bool>,
+        slot: HashMap<u64, usize>,
+        /// An upper bound on every row's norm (only grows; reset when emptied).
+        max_norm: f32,
+        f16c: bool,
+    }
+
+    impl FlatVectors {
+        pub fn new(dims: usize) -> Self {
+            Self {
+                dims,
+                keys: Vec::new(),
+                rows: Vec::new(),
+                wide: Vec::new(),
+                slot: HashMap::new(),
+                max_norm: 0.0,
+                f16c: has_f16c(),
+            }
+        }
+
+        /// The vectors of a loaded usearch index. usearch has no key listing, so its exact
+        /// scan over everything names the keys; then each vector is read back.
+        pub fn from_index(index: &usearch::Index, dims: usize) -> Result<Self, String> {
+            let mut flat = Self::new(dims);
+            let n = index.size();
+            if n == 0 {
+                return Ok(flat);
+            }
+            let all = index
+                .exact_search(&vec![1.0f32; dims], n)
+                .map_err(|e| e.to_string())?;
+            let mut v = vec![0f32; dims];
+            for &key in &all.keys {
+                match index.get(key, &mut v) {
+                    Ok(1) => flat.upsert(key, &v),
+                    _ => return Err(format!("cannot read back the vector of key {key}")),
+                }
+            }
+            if flat.keys.len() != n {
+                return Err(format!(
+                    "{} distinct keys listed for {n} vectors",
+                    flat.keys.len()
+                ));
+            }
+            Ok(flat)
+        }
+
+        pub fn upsert(&mut self, key: u64, v: &[f32]) {
+            debug_assert_eq!(v.len(), self.dims);
+            let i = *self.slot.entry(key).or_insert_with(|| {
+                self.keys.push(key);
+                self.rows.resize(self.keys.len() * self.dims, 0);
+                self.wide.push(false);
+                self.keys.len() - 1
+            });
+            let row = &mut self.rows[i * self.dims..(i + 1) * self.dims];
+            for (h, &x) in row.iter_mut().zip(v) {
+                *h = half::f16::from_f32(x).to_bits();
+            }
+            self.wide[i] = v.iter().any(|x| x.abs().is_nan() || x.abs() > F16_MAX);
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            self.max_norm = self.max_norm.max(norm);
+        }
+
+        pub fn remove(&mut self, key: u64) {
+            let Some(i) = self.slot.remove(&key) else {
+                return;
+            };
+            let last = self.keys.len() - 1;
+            if i != last {
+                // The last row takes the removed one's place.
+                let moved = self.keys[last];
+                self.keys[i] = moved;
+                self.wide[i] = self.wide[last];
+                self.rows
+                    .copy_within(last * self.dims..(last + 1) * self.dims, i * self.dims);
+                self.slot.insert(moved, i);
+            }
+            self.keys.pop();
+            self.wide.pop();
+            self.rows.truncate(last * self.dims);
+            if self.keys.is_empty() {
+                self.max_norm = 0.0;
+            }
+        }
+
+        /// The exact top `k` of `q` (already prepared for the scoring: unit for cosine), best
+        /// first, ties by key. `exact(key, buf)` fills `buf` with the f32 vector of `key`.
+        pub fn search(
+            &self,
+            q: &[f32],
+            k: usize,
+            skip: &dyn Fn(u64) -> bool,
+            exact: &dyn Fn(u64, &mut Vec<f32>) -> bool,
+        ) -> Vec<(u64, f32)> {
+            let n = self.keys.len();
+            let mut approx = vec![0f32; n];
+            self.scan(q, &mut approx);
+            // The k-th best rounded score among rows not skipped (`best` is sorted, best first).
+            let mut best: Vec<f32> = Vec::with_capacity(k + 1);
+            for (i, &s) in approx.iter().enumerate() {
+                if self.wide[i] || (best.len() == k && s <= best[k - 1]) || skip(self.keys[i]) {
+                    continue;
+                }
+                let at = best.partition_point(|&b| b >= s);
+                best.insert(at, s);
+                best.truncate(k);
+            }
+            let q_norm = q.iter().map(|x| x * x).sum::<f32>().sqrt();
+            let cut = if best.len() == k {
+                best[k - 1] - 2.0 * f16_error(q_norm, self.max_norm)
+            } else {
+                f32::NEG_INFINITY
+            };
+            let mut out = Vec::with_capacity(k + 8);
+            let mut buf = Vec::with_capacity(self.dims);
+            for (i, &s) in approx.iter().enumerate() {
+                // NaN (a NaN query) is never a candidate, as it is never a usearch match.
+                let candidate = self.wide[i] || s >= cut;
+                if !candidate || skip(self.keys[i]) || !exact(self.keys[i], &mut buf) {
+                    continue;
+                }
+                out.push((self.keys[i], dot_f32(q, &buf)));
+            }
+            super::sort_hits(&mut out);
+            out.truncate(k);
+            out
+        }
+
+        /// `out[i]` = the query against row `i` (f16 rows, f32 products and sums).
+        fn scan(&self, q: &[f32], out: &mut [f32]) {
+            #[cfg(target_arch = "x86_64")]
+            if self.f16c {
+                // SAFETY: `f16c` is set only when AVX2, FMA and F16C were detected; `rows`
+                // holds `out.len()` rows of `dims` = `q.len()` values.
+                unsafe { scan_avx2(q, &self.rows, out) };
+                return;
+            }
+            for (o, row) in out.iter_mut().zip(self.rows.chunks_exact(self.dims)) {
+                *o = row
+                    .iter()
+                    .zip(q)
+                    .map(|(&h, &x)| half::f16::from_bits(h).to_f32() * x)
+                    .sum();
+            }
+        }
+    }
+
+    /// The exact score: an f32 dot product, 8 partial sums (vectorisable).
+    pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0f32; 8];
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let tail: f32 = ca
+            .remainder()
+            .iter()
+            .zip(cb.remainder())
+            .map(|(x, y)| x * y)
+            .sum();
+        for (x, y) in ca.zip(cb) {
+            for l in 0..8 {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+
+    fn has_f16c() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `rows.len() >= out.len() * q.len()`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scan_avx2(q: &[f32], rows: &[u16], out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let d = q.len();
+        let body = d / 32 * 32;
+        for (o, row) in out.iter_mut().zip(rows.chunks_exact(d)) {
+            // SAFETY: every load reads elements `j..j + 8` with `j + 8 <= body <= d` of a
+            // `d`-long row and query.
+            unsafe {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let (r, qp) = (row.as_ptr(), q.as_ptr());
+                let mut j = 0;
+                while j < body {
+                    for (u, a) in acc.iter_mut().enumerate() {
+                        let at = j + 8 * u;
+                        let h = _mm256_cvtph_ps(_mm_loadu_si128(r.add(at).cast()));
+                        *a = _mm256_fmadd_ps(h, _mm256_loadu_ps(qp.add(at)), *a);
+                    }
+                    j += 32;
+                }
+                let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+                let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+                let tail: f32 = row[body..]
+                    .iter()
+                    .zip(&q[body..])
+                    .map(|(&h, &x)| half::f16::from_bits(h).to_f32() * x)
+                    .sum();
+                *o = _mm_cvtss_f32(s) + tail;
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn remove_moves_the_last_row_into_the_gap() {
+            let mut f = FlatVectors::new(2);
+            for k in 0..4u64 {
+                f.upsert(k, &[k as f32, 1.0]);
+            }
+            f.remove(1);
+            f.remove(7);
+            assert_eq!(f.keys, vec![0, 3, 2]);
+            let mut s = vec![0f32; 3];
+            f.scan(&[1.0, 0.0], &mut s);
+            assert_eq!(s, vec![0.0, 3.0, 2.0]);
+            f.upsert(3, &[5.0, 0.0]);
+            f.scan(&[1.0, 0.0], &mut s);
+            assert_eq!(s, vec![0.0, 5.0, 2.0]);
+            for k in [0, 2, 3] {
+                f.remove(k);
+            }
+            assert!(f.keys.is_empty() && f.rows.is_empty() && f.max_norm == 0.0);
+        }
+    }
 }

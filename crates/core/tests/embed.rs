@@ -1,7 +1,7 @@
 //! The sentence encoder against a numpy float64 BERT (scripts/make-embed-oracle.py) on the real
 //! all-MiniLM-L6-v2, and its own batching.
 
-use ramole_core::embed::Embedder;
+use ramole_core::embed::{DEFAULT_PRECISION, Embedder, WeightPrecision};
 use serde_json::Value;
 
 fn minilm() -> Embedder {
@@ -11,7 +11,9 @@ fn minilm() -> Embedder {
         "test model missing: {} — run scripts/fetch-test-models.sh",
         dir.display()
     );
-    Embedder::load(&dir).unwrap()
+    // f32 packed weights: these tests hold the encoder to the oracles at 1e-5; the default's
+    // rounded weights have their own tests below.
+    Embedder::load_with(&dir, WeightPrecision::F32).unwrap()
 }
 
 fn oracle() -> Vec<Value> {
@@ -153,7 +155,7 @@ fn the_packed_path_matches_the_candle_reference() {
 #[test]
 fn f16_packed_weights_stay_within_their_documented_tolerance() {
     let dir = ramole_core::config::minilm_dir();
-    let e = Embedder::load_with(&dir, ramole_core::embed::WeightPrecision::F16).unwrap();
+    let e = Embedder::load_with(&dir, WeightPrecision::F16).unwrap();
     let texts = varied_texts();
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
     let reference = e.embed_reference(&texts).unwrap();
@@ -172,4 +174,36 @@ fn f16_packed_weights_stay_within_their_documented_tolerance() {
     // The f16 weights do change the result (else this test checks nothing).
     assert!(worst > 0.0);
     eprintln!("f16 packed vs candle: max |diff| {worst:e}");
+}
+
+#[test]
+fn int8_packed_weights_stay_close_to_the_reference() {
+    let dir = ramole_core::config::minilm_dir();
+    let e = Embedder::load_with(&dir, WeightPrecision::Int8).unwrap();
+    let texts = varied_texts();
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let reference = e.embed_reference(&texts).unwrap();
+    let quant = e.embed_packed(&texts).unwrap();
+    let mut worst = 1f32;
+    for ((text, r), q) in texts.iter().zip(&reference).zip(&quant) {
+        let c = cosine(r, q);
+        assert!(c > 0.995, "{text:?}: cosine {c}");
+        worst = worst.min(c);
+    }
+    eprintln!("int8 packed vs candle: worst cosine {worst}");
+}
+
+#[test]
+fn the_default_encoder_answers_a_query_with_the_default_precision() {
+    let dir = ramole_core::config::minilm_dir();
+    let default = Embedder::load(&dir).unwrap();
+    let explicit = Embedder::load_with(&dir, DEFAULT_PRECISION).unwrap();
+    let q = ["Please summarize the article in one sentence."];
+    assert_eq!(default.embed(&q).unwrap(), explicit.embed(&q).unwrap());
+    // Batches (adapter profiles) stay on the f32 reference whatever the precision.
+    let many = [q[0]; 12];
+    assert_eq!(
+        default.embed(&many).unwrap(),
+        minilm().embed_reference(&many).unwrap()
+    );
 }

@@ -81,9 +81,103 @@ fn small_indexes_equal_the_brute_force_reference_for_both_scorings() {
 }
 
 #[test]
+fn the_exact_scan_equals_usearchs_exact_search_for_both_scorings() {
+    let dims = 384;
+    let data = rows(3000, dims, 11);
+    let queries = rows(30, dims, 12);
+    for scoring in [Scoring::Cosine, Scoring::Ip] {
+        let idx = AdapterIndex::build(spec(scoring, dims), 0, &data).unwrap();
+        for (i, (_, q)) in queries.iter().enumerate() {
+            // Raw queries too: cosine must not depend on the query's length.
+            let q: Vec<f32> = if i % 2 == 0 { normalized(q) } else { q.clone() };
+            let skip = |k: u64| k.is_multiple_of(7);
+            let got = idx.search(&q, 10, &skip).unwrap();
+            let want = idx.search_reference(&q, 10, &skip).unwrap();
+            assert_eq!(
+                got.iter().map(|g| g.0).collect::<Vec<_>>(),
+                want.iter().map(|g| g.0).collect::<Vec<_>>(),
+                "{scoring:?} query {i}"
+            );
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g.1 - w.1).abs() < 1e-5, "{scoring:?}: {} vs {}", g.1, w.1);
+            }
+        }
+    }
+}
+
+#[test]
+fn near_ties_below_f16_resolution_are_ranked_exactly() {
+    // Vectors that differ by far less than an f16 step: the rounded scan cannot tell them
+    // apart, the rescoring must.
+    let dims = 64;
+    let two = rows(2, dims, 21);
+    let (base, q) = (normalized(&two[0].1), normalized(&two[1].1));
+    let j = (0..dims)
+        .max_by(|&a, &b| q[a].abs().total_cmp(&q[b].abs()))
+        .unwrap();
+    // Later keys score higher, by ~1e-6 each: a tie broken by key would pick the first ones.
+    let data: Vec<(u64, Vec<f32>)> = (0..50u64)
+        .map(|i| {
+            let mut v = base.clone();
+            v[j] += 1e-5 * (i as f32 + 1.0) * q[j].signum();
+            (i + 1, v)
+        })
+        .collect();
+    for scoring in [Scoring::Cosine, Scoring::Ip] {
+        let idx = AdapterIndex::build(spec(scoring, dims), 0, &data).unwrap();
+        let got: Vec<u64> = idx
+            .search(&q, 5, &|_| false)
+            .unwrap()
+            .iter()
+            .map(|g| g.0)
+            .collect();
+        assert_eq!(got, brute(&data, &q, 5, scoring), "{scoring:?}");
+        assert_eq!(got, vec![50, 49, 48, 47, 46], "{scoring:?}");
+    }
+}
+
+#[test]
+fn a_loaded_index_scans_the_same_vectors_and_keeps_them_in_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("index.usearch");
+    let data = rows(500, 32, 31);
+    let mut idx = AdapterIndex::build(spec(Scoring::Ip, 32), 3, &data).unwrap();
+    idx.remove(data[0].0).unwrap();
+    idx.save(&path).unwrap();
+    let mut loaded = AdapterIndex::load(&path).unwrap();
+    let q = normalized(&data[1].1);
+    assert_eq!(
+        loaded.search(&q, 8, &|_| false).unwrap(),
+        idx.search(&q, 8, &|_| false).unwrap()
+    );
+    // Edits after the load reach the scan.
+    loaded.remove(data[1].0).unwrap();
+    assert!(
+        loaded
+            .search(&q, 8, &|_| false)
+            .unwrap()
+            .iter()
+            .all(|g| g.0 != data[1].0)
+    );
+    loaded.upsert(9999, &q).unwrap();
+    assert_eq!(loaded.search(&q, 1, &|_| false).unwrap()[0].0, 9999);
+    let (got, want) = (
+        loaded.search(&q, 8, &|_| false).unwrap(),
+        loaded.search_reference(&q, 8, &|_| false).unwrap(),
+    );
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            g.0 == w.0 && (g.1 - w.1).abs() < 1e-5,
+            "{got:?} vs {want:?}"
+        );
+    }
+}
+
+#[test]
 fn large_indexes_use_hnsw_and_agree_with_the_reference() {
     let data = rows(6000, 48, 3);
-    let idx = AdapterIndex::build(spec(Scoring::Cosine, 48), 0, &data).unwrap();
+    let mut idx = AdapterIndex::build(spec(Scoring::Cosine, 48), 0, &data).unwrap();
+    idx.set_exact_limit(1000);
     let queries = rows(50, 48, 4);
     let mut agree = 0;
     for (_, q) in &queries {
