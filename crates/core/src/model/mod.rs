@@ -9,6 +9,7 @@ mod decoder;
 mod generate;
 mod linear;
 mod loader;
+pub mod qgemm;
 mod sample;
 mod template;
 mod tokenizer;
@@ -21,7 +22,8 @@ pub use config::{Arch, ModelConfig, RopeScaling, RopeStyle};
 pub use decoder::{Decoder, LogitsAt, Requantize, RowInput};
 pub use generate::{FinishReason, GenerateParams, Generation, Timings, generate};
 pub use linear::{
-    DENSE_PREFILL_MIN_ROWS, Linear, LinearWeight, NoDelta, RowSpan, Site, SiteDelta, SiteKind,
+    DENSE_PREFILL_MIN_ROWS, Linear, LinearWeight, NoDelta, QuantKernel, RowSpan, Site, SiteDelta,
+    SiteKind,
 };
 pub use loader::{BaseInfo, LoadOptions, Model, inspect_base, strip_format_suffix};
 pub use sample::{Sampler, Sampling};
