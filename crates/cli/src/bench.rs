@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use ramole_core::adapter::{LoraAdapter, write_random_peft};
 use ramole_core::model::{
-    Decoder, LoadOptions, LogitsAt, Model, NoDelta, Requantize, RowInput, SiteDelta,
+    Decoder, LoadOptions, LogitsAt, Model, NoDelta, QuantKernel, Requantize, RowInput, SiteDelta,
 };
 use ramole_core::mole::{CompiledMix, MixDelta, Plan, Precision};
 use serde_json::json;
@@ -88,9 +88,20 @@ pub(crate) struct ModelBench {
     /// Runs per figure; the best is reported (the machines are noisy).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Batch sizes of the batched-decode table (rows x 1 token per forward after a 32-token
+    /// prompt per row), each with our quantized kernel and candle's side by side; empty skips it.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    batches: Vec<usize>,
+    /// Forwards timed per batched-decode figure.
+    #[arg(long, default_value_t = 16)]
+    batch_steps: usize,
     #[arg(long)]
     json: bool,
 }
+
+/// The quantized-matmul kernels the batched-decode table compares.
+const KERNELS: [(&str, QuantKernel); 2] =
+    [("ours", QuantKernel::Auto), ("candle", QuantKernel::Candle)];
 
 pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
@@ -168,12 +179,14 @@ fn model_bench(b: ModelBench) -> Result<()> {
                 best_decode = best_decode.max(decode);
             }
         }
+        let batched = batch_table(d, &b)?;
         results.push(json!({
             "variant": name,
             "weight_mb": d.weight_bytes() as f64 / 1e6,
             "load_s": load_s,
             "prefill_tok_s": best_prefill,
             "decode_tok_s": best_decode,
+            "batch_decode": batched,
         }));
     }
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into());
@@ -204,8 +217,103 @@ fn model_bench(b: ModelBench) -> Result<()> {
                 r["decode_tok_s"].as_f64().unwrap_or(0.0)
             );
         }
+        for r in &results {
+            let Some(rows) = r["batch_decode"].as_array().filter(|a| !a.is_empty()) else {
+                continue;
+            };
+            println!(
+                "\nbatched decode, {}: aggregate tok/s (batch x 1 token per forward, {} forwards, best of {})",
+                r["variant"].as_str().unwrap_or(""),
+                b.batch_steps,
+                b.repeats
+            );
+            println!(
+                "{:>5} {:>10} {:>10} {:>12} {:>12} {:>11}",
+                "batch", "ours", "candle", "ours/candle", "ours vs b=1", "ms/forward"
+            );
+            for row in rows {
+                let f = |k: &str| row[k].as_f64().unwrap_or(0.0);
+                println!(
+                    "{:>5} {:>10.1} {:>10.1} {:>11.2}x {:>11.2}x {:>11.1}",
+                    row["batch"].as_u64().unwrap_or(0),
+                    f("ours_tok_s"),
+                    f("candle_tok_s"),
+                    f("ours_tok_s") / f("candle_tok_s"),
+                    f("ours_vs_batch1"),
+                    f("ours_ms_per_forward")
+                );
+            }
+        }
     }
     Ok(())
+}
+
+/// Aggregate decode tokens/s for each batch size of `b.batches`, our kernel and candle's,
+/// interleaved in every repeat so both see the same machine conditions (best of the repeats).
+fn batch_table(d: &Decoder, b: &ModelBench) -> Result<Vec<serde_json::Value>> {
+    if b.batches.is_empty() {
+        return Ok(Vec::new());
+    }
+    let decoders = KERNELS
+        .iter()
+        .map(|(_, k)| d.with_quant_kernel(*k))
+        .collect::<Result<Vec<_>, _>>()?;
+    let vocab = d.config().vocab_size;
+    let mut best = vec![[0f64; KERNELS.len()]; b.batches.len()];
+    for rep in 0..=b.repeats {
+        for (bi, &batch) in b.batches.iter().enumerate() {
+            for (ki, dk) in decoders.iter().enumerate() {
+                let r = batch_decode_rate(dk, batch, b.batch_steps, vocab)?;
+                if rep > 0 {
+                    best[bi][ki] = best[bi][ki].max(r);
+                }
+            }
+        }
+    }
+    let base = best[0][0] / b.batches[0] as f64;
+    Ok(b.batches
+        .iter()
+        .zip(&best)
+        .map(|(&batch, r)| {
+            json!({
+                "batch": batch,
+                "ours_tok_s": r[0],
+                "candle_tok_s": r[1],
+                "ours_ms_per_forward": 1e3 * batch as f64 / r[0],
+                "candle_ms_per_forward": 1e3 * batch as f64 / r[1],
+                // Relative to the first batch size's per-row rate (batch 1 by default).
+                "ours_vs_batch1": r[0] / base,
+            })
+        })
+        .collect())
+}
+
+/// `batch` rows each prefilled with its own 32-token prompt, then `steps` forwards of
+/// `batch` x 1 greedy token; returns the aggregate new tokens per second.
+fn batch_decode_rate(d: &Decoder, batch: usize, steps: usize, vocab: usize) -> Result<f64> {
+    let all = synthetic_ids(32 * batch, vocab);
+    let prompts: Vec<&[u32]> = all.chunks(32).collect();
+    let mut caches: Vec<_> = (0..batch).map(|_| d.new_cache()).collect();
+    let rows: Vec<RowInput> = prompts.iter().map(|p| RowInput { tokens: p }).collect();
+    let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+    let logits = d.forward(&rows, &mut refs, LogitsAt::Last, &NoDelta)?;
+    let mut next: Vec<[u32; 1]> = logits
+        .to_vec2::<f32>()?
+        .iter()
+        .map(|l| [argmax(l)])
+        .collect();
+    let t = Instant::now();
+    for _ in 0..steps {
+        let rows: Vec<RowInput> = next.iter().map(|t| RowInput { tokens: t }).collect();
+        let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+        let logits = d.forward(&rows, &mut refs, LogitsAt::Last, &NoDelta)?;
+        next = logits
+            .to_vec2::<f32>()?
+            .iter()
+            .map(|l| [argmax(l)])
+            .collect();
+    }
+    Ok((batch * steps) as f64 / t.elapsed().as_secs_f64())
 }
 
 /// Greedy decode steps per second after prefilling `prompt`.

@@ -231,6 +231,105 @@ fn smollm2_quantized_agrees_with_dequantized_twin() {
     assert!(diff < 1.0, "max |diff| {diff}");
 }
 
+#[test]
+fn smollm2_batched_decode_equals_each_row_alone() {
+    // Batched decode sends up to 31 rows through our quantized kernel (Q8_0 decoded in registers,
+    // Q4_1 through decoded f32 rows), 8 rows per pass with a remainder; a row alone takes the
+    // one-row path and the batched prefill the dequantized f32 GEMM. All multiply the same
+    // weights with f32 activations, so every row must get the logits it gets alone, up to
+    // summation order. candle's kernel (8-bit activations) stays within quantization error.
+    let texts = [
+        "Once upon a time",
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Water boils at",
+        "My favourite colour is",
+        "In 1969, the first",
+        "The quick brown fox",
+        "To be or not to be,",
+        "Rust is a language that",
+    ];
+    for requantize in [Requantize::SlowTypes, Requantize::Never] {
+        let model = Model::load(
+            &smollm2(),
+            &LoadOptions {
+                requantize,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // `Own` also at one row, where `Auto` may pick candle's kernel.
+        let d = &model
+            .decoder
+            .with_quant_kernel(ramole_core::model::QuantKernel::Own)
+            .unwrap();
+        let prompts: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| model.tokenizer.encode(t).unwrap())
+            .collect();
+        let steps: Vec<[u32; 1]> = (0..texts.len() as u32).map(|i| [100 + 37 * i]).collect();
+        let alone_with = |d: &ramole_core::model::Decoder, i: usize| {
+            let mut cache = d.new_cache();
+            let p = RowInput {
+                tokens: &prompts[i],
+            };
+            d.forward(&[p], &mut [&mut cache], LogitsAt::Last, &NoDelta)
+                .unwrap();
+            step_logits(d, &mut cache, steps[i][0])
+        };
+        let alone: Vec<Vec<f32>> = (0..texts.len()).map(|i| alone_with(d, i)).collect();
+        for batch in [3, texts.len()] {
+            let mut caches: Vec<_> = (0..batch).map(|_| d.new_cache()).collect();
+            let rows: Vec<RowInput> = prompts[..batch]
+                .iter()
+                .map(|p| RowInput { tokens: p })
+                .collect();
+            let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+            d.forward(&rows, &mut refs, LogitsAt::Last, &NoDelta)
+                .unwrap();
+            let rows: Vec<RowInput> = steps[..batch]
+                .iter()
+                .map(|t| RowInput { tokens: t })
+                .collect();
+            let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+            let batched: Vec<Vec<f32>> = d
+                .forward(&rows, &mut refs, LogitsAt::Last, &NoDelta)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            for (i, (b, a)) in batched.iter().zip(&alone).enumerate() {
+                let diff = max_abs_diff(b, a);
+                assert!(diff < 2e-3, "{requantize:?} batch {batch} row {i}: {diff}");
+            }
+        }
+        // Against the dequantized twin (the same weights in f32, candle's f32 GEMM): ours is exact
+        // up to summation order, candle's 8-bit activations are not.
+        let twin = d.dequantized().unwrap();
+        let candle = d
+            .with_quant_kernel(ramole_core::model::QuantKernel::Candle)
+            .unwrap();
+        for i in [0, 4] {
+            let t = alone_with(&twin, i);
+            let c = alone_with(&candle, i);
+            let spread = t.iter().cloned().fold(f32::MIN, f32::max)
+                - t.iter().cloned().fold(f32::MAX, f32::min);
+            let ours = max_abs_diff(&alone[i], &t) / spread;
+            let theirs = max_abs_diff(&c, &t) / spread;
+            eprintln!(
+                "{requantize:?} row {i}: relative error ours {ours:.2e}, candle {theirs:.2e}"
+            );
+            assert!(
+                ours < 1e-4,
+                "{requantize:?} row {i}: ours differs by {ours}"
+            );
+            assert!(
+                theirs < 0.1,
+                "{requantize:?} row {i}: candle differs by {theirs}"
+            );
+        }
+    }
+}
+
 /// Continues the story prompt; the result and the text streamed on the way.
 fn story(model: &Model, params: GenerateParams) -> (ramole_core::model::Generation, String) {
     let ids = model

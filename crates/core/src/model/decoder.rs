@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 
 use super::cache::SeqCache;
 use super::config::{ModelConfig, RopeStyle};
-use super::linear::{Linear, LinearWeight, RowSpan, Site, SiteDelta, SiteKind};
+use super::linear::{Linear, LinearWeight, QuantKernel, RowSpan, Site, SiteDelta, SiteKind};
 use super::weights::{StoredTensor, WeightStore};
 use super::{ModelError, Result};
 
@@ -359,6 +359,14 @@ impl Decoder {
             inv_freq: self.inv_freq.clone(),
             device: self.device.clone(),
         })
+    }
+
+    /// The same model multiplying its quantized weights (few rows) with `kernel`, the LM head
+    /// included. The weights are shared, not copied.
+    pub fn with_quant_kernel(&self, kernel: QuantKernel) -> Result<Self> {
+        let mut d = self.map_linears(|l| Ok(l.with_quant_kernel(kernel)))?;
+        d.lm_head = self.lm_head.with_quant_kernel(kernel);
+        Ok(d)
     }
 
     pub fn new_cache(&self) -> SeqCache {

@@ -4,8 +4,10 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Module, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{CpuStorage, Module, Storage, Tensor};
+
+use super::qgemm;
 
 /// The seven projections of a decoder layer, named as PEFT's `target_modules` name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -98,8 +100,23 @@ impl SiteDelta for NoDelta {
 }
 
 /// From this many rows on, a quantized linear dequantizes its weight and multiplies in f32
-/// (`ramole bench model` measures both sides of this choice).
-pub const DENSE_PREFILL_MIN_ROWS: usize = 24;
+/// (`ramole bench model` measures both sides of this choice). Below it, [`qgemm`] multiplies the
+/// quantized weights directly; measured on SmolLM2's shapes (Q8_0, 2 threads) it is faster than
+/// dequantizing up to about 32 rows, where the two are even, and the f32 GEMM wins from 48 on.
+pub const DENSE_PREFILL_MIN_ROWS: usize = 32;
+
+/// Which kernel multiplies quantized weights for fewer than [`DENSE_PREFILL_MIN_ROWS`] rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QuantKernel {
+    /// Ours ([`qgemm`]) where measured faster than candle's, else candle's.
+    #[default]
+    Auto,
+    /// Always candle's `QMatMul` (8-bit activations, one dot product per row and column): the
+    /// reference the benchmark compares against.
+    Candle,
+    /// Always ours, for every block type it supports.
+    Own,
+}
 
 /// A weight matrix `[out_features, in_features]`, dense f32 or quantized (kept in its GGUF
 /// block format and multiplied through candle's quantized matmul).
@@ -116,6 +133,7 @@ pub struct Linear {
     site: Option<Site>,
     in_features: usize,
     out_features: usize,
+    kernel: QuantKernel,
 }
 
 impl Linear {
@@ -132,7 +150,20 @@ impl Linear {
             site,
             in_features,
             out_features,
+            kernel: QuantKernel::default(),
         }
+    }
+
+    /// The same layer multiplying its quantized weight (few rows) with `kernel`.
+    pub fn with_quant_kernel(&self, kernel: QuantKernel) -> Self {
+        Self {
+            kernel,
+            ..self.clone()
+        }
+    }
+
+    pub fn quant_kernel(&self) -> QuantKernel {
+        self.kernel
     }
 
     pub fn site(&self) -> Option<Site> {
@@ -206,11 +237,62 @@ impl Linear {
             LinearWeight::Quantized(_, q) if x.dim(0)? >= DENSE_PREFILL_MIN_ROWS => {
                 x.matmul(&q.dequantize(x.device())?.t()?)?
             }
-            LinearWeight::Quantized(m, _) => m.forward(&x.contiguous()?)?,
+            LinearWeight::Quantized(m, q) => {
+                let x = x.contiguous()?;
+                match self.own_kernel(&x, q)? {
+                    Some(y) => y,
+                    None => m.forward(&x)?,
+                }
+            }
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+
+    /// `x W^T` through [`qgemm`] when the kernel choice and the inputs allow it (f32 activations
+    /// on the CPU, a supported block type); `None` leaves it to candle. `x`: `[m, in]`, contiguous.
+    fn own_kernel(&self, x: &Tensor, q: &QTensor) -> candle_core::Result<Option<Tensor>> {
+        let m = x.dim(0)?;
+        let dtype = q.dtype();
+        let wanted = match self.kernel {
+            QuantKernel::Candle => false,
+            QuantKernel::Own => true,
+            QuantKernel::Auto => m >= own_kernel_min_rows(dtype),
+        };
+        if !wanted || !qgemm::supports(dtype) {
+            return Ok(None);
+        }
+        let (storage, layout) = x.storage_and_layout();
+        let xs = match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
+            _ => return Ok(None),
+        };
+        let y = qgemm::matmul(q, xs, m).map_err(candle_core::Error::wrap)?;
+        drop(storage);
+        Ok(Some(Tensor::from_vec(
+            y,
+            (m, self.out_features),
+            x.device(),
+        )?))
+    }
+}
+
+/// From how many rows [`QuantKernel::Auto`] uses [`qgemm`] for weights of `dtype` (measured with
+/// `qgemm_speed` and `ramole bench model` on SmolLM2's shapes, AVX2, 1 and 2 threads):
+/// - Q8_0: from 1 row. At one row ours is as fast as candle's int8 dot products (29.9 vs 25.6
+///   tok/s decode on 1 thread, 48.6 vs 49.3 on 2), much faster from 2 rows on, and it does not
+///   spin like candle's barrier pool when the cores are shared.
+/// - Q4_1, Q5_0, Q5_1: from 2 rows; candle multiplies them with a scalar loop (2x from 2 rows).
+/// - Q4_0: from 8 rows; decoding whole rows to f32 costs more than candle's AVX2 dot products below.
+/// - k-quants: never; candle's AVX2 kernels are 5-10x faster than decoding with the scalar
+///   `to_float` at every row count up to 8.
+fn own_kernel_min_rows(dtype: GgmlDType) -> usize {
+    match dtype {
+        GgmlDType::Q8_0 => 1,
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => 2,
+        GgmlDType::Q4_0 => 8,
+        _ => usize::MAX,
     }
 }

@@ -9,6 +9,7 @@ mod decoder;
 mod generate;
 mod linear;
 mod loader;
+pub mod qgemm;
 mod sample;
 mod template;
 mod tokenizer;
@@ -23,7 +24,8 @@ pub use generate::{
     Decoding, FinishReason, GenerateParams, Generation, Next, Timings, check_request, generate,
 };
 pub use linear::{
-    DENSE_PREFILL_MIN_ROWS, Linear, LinearWeight, NoDelta, RowSpan, Site, SiteDelta, SiteKind,
+    DENSE_PREFILL_MIN_ROWS, Linear, LinearWeight, NoDelta, QuantKernel, RowSpan, Site, SiteDelta,
+    SiteKind,
 };
 pub use loader::{BaseInfo, LoadOptions, Model, inspect_base, strip_format_suffix};
 pub use sample::{Sampler, Sampling};
