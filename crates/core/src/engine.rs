@@ -392,10 +392,7 @@ impl Loader {
         }
     }
 
-    fn load(
-        &mut self,
-        job: &LoadJob,
-    ) -> Result<Prepared, EngineError> {
+    fn load(&mut self, job: &LoadJob) -> Result<Prepared, EngineError> {
         self.recent.retain(|_, w| w.strong_count() > 0);
         let mut parts = Vec::with_capacity(job.mix.adapters.len());
         let mut fresh = Vec::new();

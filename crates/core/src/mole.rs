@@ -866,6 +866,21 @@ mod tests {
         assert!(check_gates(&[f32::INFINITY]).is_err());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn retrieval_gates_are_a_distribution(
+            scores in proptest::collection::vec(-1f32..1.0, 1..16),
+            tau in 0.001f32..10.0,
+            softmax in proptest::bool::ANY,
+        ) {
+            let gating = if softmax { Gating::Softmax { temperature: tau } } else { Gating::Uniform };
+            let g = gating.gates(&scores).unwrap();
+            proptest::prop_assert_eq!(g.len(), scores.len());
+            proptest::prop_assert!(g.iter().all(|x| x.is_finite() && *x >= 0.0), "{:?}", g);
+            proptest::prop_assert!((g.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{:?}", g);
+        }
+    }
+
     #[test]
     fn plan_names_round_trip() {
         for p in [Plan::None, Plan::Selection, Plan::Mixture, Plan::Fusion] {

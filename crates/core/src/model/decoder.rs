@@ -470,16 +470,17 @@ impl Decoder {
             let m = (candle_nn::ops::silu(&g)? * u)?;
             x = (x + layer.down.forward(&m, &spans, delta)?)?;
         }
-        let x = match at {
-            LogitsAt::All => x,
+        let (x, head_rows) = match at {
+            LogitsAt::All => (x, spans),
             LogitsAt::Last => {
                 let last: Vec<u32> = spans.iter().map(|s| (s.start + s.len - 1) as u32).collect();
                 let idx = Tensor::from_vec(last, spans.len(), &self.device)?;
-                x.index_select(&idx, 0)?
+                let one = (0..spans.len()).map(|start| RowSpan { start, len: 1 });
+                (x.index_select(&idx, 0)?, one.collect())
             }
         };
         let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, eps)?;
-        Ok(self.lm_head.forward_base(&x)?)
+        Ok(self.lm_head.forward_rows(&x, &head_rows)?)
     }
 
     /// cos and sin `[t, head_dim / 2]` for positions `pos .. pos + t`.

@@ -118,6 +118,17 @@ pub enum QuantKernel {
     Own,
 }
 
+/// How one product runs (see [`Linear::forward_rows`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// f32 GEMM (dense weights, or quantized ones dequantized for many rows).
+    Dense,
+    /// [`qgemm`]: f32 activations, weights decoded in registers.
+    Own,
+    /// candle's `QMatMul`.
+    Candle,
+}
+
 /// A weight matrix `[out_features, in_features]`, dense f32 or quantized (kept in its GGUF
 /// block format and multiplied through candle's quantized matmul).
 #[derive(Clone)]
@@ -217,7 +228,7 @@ impl Linear {
         rows: &[RowSpan],
         delta: &dyn SiteDelta,
     ) -> candle_core::Result<Tensor> {
-        let mut y = self.forward_base(x)?;
+        let mut y = self.forward_rows(x, rows)?;
         if let Some(site) = self.site
             && let Some(d) = delta.delta(site, x, rows)?
         {
@@ -228,22 +239,81 @@ impl Linear {
 
     /// `W x + b` without any delta. `x`: `[n, in_features]`.
     pub fn forward_base(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = match &self.weight {
-            LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
+        self.forward_with(x, self.path(x.dim(0)?))
+    }
+
+    /// How a quantized weight is multiplied with `rows` rows of activations.
+    fn path(&self, rows: usize) -> Path {
+        match &self.weight {
+            LinearWeight::Dense(_) => Path::Dense,
             // candle's quantized matmul does one dot product per (row, column) with no reuse of
             // weights across rows, so for many rows (prefill) it is much faster to dequantize the
             // weight once and run the f32 GEMM. Same weights, f32 activations: as exact as the
             // dequantized reference, more exact than the 8-bit-activation kernel.
-            LinearWeight::Quantized(_, q) if x.dim(0)? >= DENSE_PREFILL_MIN_ROWS => {
+            LinearWeight::Quantized(..) if rows >= DENSE_PREFILL_MIN_ROWS => Path::Dense,
+            LinearWeight::Quantized(_, q) => {
+                let wanted = match self.kernel {
+                    QuantKernel::Candle => false,
+                    QuantKernel::Own => true,
+                    QuantKernel::Auto => rows >= own_kernel_min_rows(q.dtype()),
+                };
+                if wanted && qgemm::supports(q.dtype()) {
+                    Path::Own
+                } else {
+                    Path::Candle
+                }
+            }
+        }
+    }
+
+    /// The base product of a batch, each row computed by the path it takes when it runs alone:
+    /// the paths round differently (candle's kernel quantizes activations to 8 bits), and a row's
+    /// numbers must not depend on its neighbours, or greedy decoding in a batch would differ
+    /// from the same request alone. `rows` spans `x`'s rows back to back.
+    pub fn forward_rows(&self, x: &Tensor, rows: &[RowSpan]) -> candle_core::Result<Tensor> {
+        let paths: Vec<Path> = rows.iter().map(|r| self.path(r.len)).collect();
+        let Some(&first) = paths.first() else {
+            return self.forward_base(x);
+        };
+        if paths.iter().all(|&p| p == first) {
+            return self.forward_with(x, first);
+        }
+        let n = x.dim(0)?;
+        let mut y = Tensor::zeros((n, self.out_features), x.dtype(), x.device())?;
+        let mut done = vec![false; rows.len()];
+        for i in 0..rows.len() {
+            if done[i] {
+                continue;
+            }
+            let mut idx: Vec<u32> = Vec::new();
+            for (j, r) in rows.iter().enumerate() {
+                if !done[j] && paths[j] == paths[i] {
+                    done[j] = true;
+                    idx.extend((r.start..r.start + r.len).map(|t| t as u32));
+                }
+            }
+            let idx = Tensor::from_vec(idx.clone(), idx.len(), x.device())?;
+            let part = self.forward_with(&x.index_select(&idx, 0)?, paths[i])?;
+            y = y.index_add(&idx, &part, 0)?;
+        }
+        Ok(y)
+    }
+
+    /// `W x + b` along `path`. `x`: `[n, in_features]`.
+    fn forward_with(&self, x: &Tensor, path: Path) -> candle_core::Result<Tensor> {
+        let y = match (&self.weight, path) {
+            (LinearWeight::Dense(w), _) => x.matmul(&w.t()?)?,
+            (LinearWeight::Quantized(_, q), Path::Dense) => {
                 x.matmul(&q.dequantize(x.device())?.t()?)?
             }
-            LinearWeight::Quantized(m, q) => {
+            (LinearWeight::Quantized(m, q), Path::Own) => {
                 let x = x.contiguous()?;
                 match self.own_kernel(&x, q)? {
                     Some(y) => y,
                     None => m.forward(&x)?,
                 }
             }
+            (LinearWeight::Quantized(m, _), Path::Candle) => m.forward(&x.contiguous()?)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -255,15 +325,6 @@ impl Linear {
     /// on the CPU, a supported block type); `None` leaves it to candle. `x`: `[m, in]`, contiguous.
     fn own_kernel(&self, x: &Tensor, q: &QTensor) -> candle_core::Result<Option<Tensor>> {
         let m = x.dim(0)?;
-        let dtype = q.dtype();
-        let wanted = match self.kernel {
-            QuantKernel::Candle => false,
-            QuantKernel::Own => true,
-            QuantKernel::Auto => m >= own_kernel_min_rows(dtype),
-        };
-        if !wanted || !qgemm::supports(dtype) {
-            return Ok(None);
-        }
         let (storage, layout) = x.storage_and_layout();
         let xs = match (&*storage, layout.contiguous_offsets()) {
             (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
