@@ -137,7 +137,7 @@ fn concurrent_streaming_clients_bad_requests_and_a_dropped_client() {
     let ids: Vec<String> = ["french", "sentiment", "math"]
         .iter()
         .map(|n| {
-            ad.add(&home, n)["adapter"]["id"]
+            ad.add(&home, n)["id"]
                 .as_str()
                 .unwrap()
                 .to_string()
