@@ -136,12 +136,7 @@ fn concurrent_streaming_clients_bad_requests_and_a_dropped_client() {
     let ad = Adapters::make();
     let ids: Vec<String> = ["french", "sentiment", "math"]
         .iter()
-        .map(|n| {
-            ad.add(&home, n)["id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
+        .map(|n| ad.add(&home, n)["id"].as_str().unwrap().to_string())
         .collect();
     let server = Server::start(&home);
 
