@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use super::cache::SeqCache;
 use super::config::{ModelConfig, RopeStyle};
@@ -444,10 +445,12 @@ impl Decoder {
             let q = layer.q.forward(&h, &spans, delta)?;
             let k = layer.k.forward(&h, &spans, delta)?;
             let v = layer.v.forward(&h, &spans, delta)?;
-            let mut outs = Vec::with_capacity(spans.len());
-            for (ri, span) in spans.iter().enumerate() {
+            // Rows attend independently (each to its own cache): spread them over the threads,
+            // as a batch of short rows is otherwise a long serial chain of small ops.
+            let one_row = |ri: usize, cache: &mut SeqCache| {
+                let span = spans[ri];
                 let (cos, sin) = &ropes[ri];
-                outs.push(self.attention(
+                self.attention(
                     li,
                     starts[ri],
                     &q.narrow(0, span.start, span.len)?,
@@ -455,9 +458,18 @@ impl Decoder {
                     &v.narrow(0, span.start, span.len)?,
                     cos,
                     sin,
-                    caches[ri],
-                )?);
-            }
+                    cache,
+                )
+            };
+            let mut outs = if spans.len() == 1 {
+                vec![one_row(0, caches[0])?]
+            } else {
+                caches
+                    .par_iter_mut()
+                    .enumerate()
+                    .map(|(ri, cache)| one_row(ri, cache))
+                    .collect::<candle_core::Result<Vec<_>>>()?
+            };
             let attn = if outs.len() == 1 {
                 outs.pop().expect("one row")
             } else {
