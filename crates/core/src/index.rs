@@ -465,7 +465,7 @@ mod flat {
                 wide: Vec::new(),
                 slot: HashMap::new(),
                 max_norm: 0.0,
-                f16c: has_f16c(),
+                f16c: crate::model::qgemm::has_avx2(),
             }
         }
 
@@ -571,7 +571,7 @@ mod flat {
                 if !candidate || skip(self.keys[i]) || !exact(self.keys[i], &mut buf) {
                     continue;
                 }
-                out.push((self.keys[i], dot_f32(q, &buf)));
+                out.push((self.keys[i], crate::mole::dot(q, &buf)));
             }
             super::sort_hits(&mut out);
             out.truncate(k);
@@ -595,35 +595,6 @@ mod flat {
                     .sum();
             }
         }
-    }
-
-    /// The exact score: an f32 dot product, 8 partial sums (vectorisable).
-    pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-        let mut acc = [0f32; 8];
-        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-        let tail: f32 = ca
-            .remainder()
-            .iter()
-            .zip(cb.remainder())
-            .map(|(x, y)| x * y)
-            .sum();
-        for (x, y) in ca.zip(cb) {
-            for l in 0..8 {
-                acc[l] += x[l] * y[l];
-            }
-        }
-        acc.iter().sum::<f32>() + tail
-    }
-
-    fn has_f16c() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
     }
 
     /// # Safety

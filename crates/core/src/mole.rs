@@ -213,7 +213,7 @@ impl Values {
     }
 }
 
-trait Elem: Copy {
+pub(crate) trait Elem: Copy {
     fn f32(self) -> f32;
 }
 
@@ -349,7 +349,7 @@ impl LowRank {
 
 /// Dot product with 8 independent partial sums, which LLVM vectorises.
 #[inline(always)]
-fn dot<T: Elem>(a: &[T], b: &[f32]) -> f32 {
+pub(crate) fn dot<T: Elem>(a: &[T], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca

@@ -170,7 +170,8 @@ pub(crate) fn matmul_with(
     Ok(y)
 }
 
-fn has_avx2() -> bool {
+/// Whether the CPU has what the AVX2 kernels here (and the index's f16 scan) use: AVX2, FMA, F16C.
+pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         is_x86_feature_detected!("avx2")
