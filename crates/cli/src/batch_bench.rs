@@ -3,7 +3,6 @@
 //! through the engine at batch sizes 1, 2, 4 and 8, side by side in one run.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::{Result, bail};
 use clap::Args;
@@ -260,7 +259,6 @@ fn batched(
     }
     engine.reset_stats();
     let (tx, rx) = std::sync::mpsc::channel::<(usize, JobEvent)>();
-    let started = Instant::now();
     for (i, r) in requests.iter().enumerate() {
         let tx = tx.clone();
         engine.submit(
@@ -284,7 +282,6 @@ fn batched(
             JobEvent::Started | JobEvent::Text(_) => {}
         }
     }
-    let _wall = started.elapsed();
     let stats = engine.stats();
     let tokens = done
         .into_iter()
