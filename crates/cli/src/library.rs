@@ -97,6 +97,8 @@ pub(crate) enum AdapterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Train a new LoRA adapter from examples (JSON lines with input and target).
+    Train(crate::train::TrainArgs),
     /// Update Hub adapters to the newest commit of their revision (`--check`: only report).
     Update {
         ids: Vec<String>,
@@ -192,6 +194,8 @@ pub(crate) enum SessionCommand {
 pub(crate) enum EvalCommand {
     /// Retrieval accuracy on the paper's data format (flan-mixed): top-k overall and per domain.
     Retrieval(EvalRetrievalArgs),
+    /// The paper's mixed-task benchmark on task adapters (Table 1): one plan, IID or OOD.
+    Tasks(crate::tasks_eval::EvalTasksArgs),
 }
 
 #[derive(Args)]
@@ -294,11 +298,14 @@ pub(crate) fn run_adapter(cmd: AdapterCommand) -> Result<()> {
             check,
             json,
         } => return crate::hub::run_update(ids, all, check, json),
+        AdapterCommand::Train(a) => return crate::train::run_train(a),
         _ => {}
     }
     let mut lib = open()?;
     match cmd {
-        AdapterCommand::Install { .. } | AdapterCommand::Update { .. } => {
+        AdapterCommand::Install { .. }
+        | AdapterCommand::Update { .. }
+        | AdapterCommand::Train(_) => {
             unreachable!("handled above")
         }
         AdapterCommand::Add {
@@ -562,7 +569,7 @@ pub(crate) fn run_session(cmd: SessionCommand) -> Result<()> {
     Ok(())
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text)
@@ -570,7 +577,10 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 }
 
 pub(crate) fn run_eval(cmd: EvalCommand) -> Result<()> {
-    let EvalCommand::Retrieval(a) = cmd;
+    let a = match cmd {
+        EvalCommand::Retrieval(a) => a,
+        EvalCommand::Tasks(a) => return crate::tasks_eval::run_eval_tasks(a),
+    };
     let ks: Vec<usize> =
         a.k.split(',')
             .map(|s| {

@@ -6,6 +6,8 @@ mod bench;
 mod hub;
 mod library;
 mod retrieval_bench;
+mod tasks_eval;
+mod train;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

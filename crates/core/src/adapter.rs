@@ -603,6 +603,19 @@ fn permute_rows_for_interleaved_rope(b: &Tensor, heads: usize) -> candle_core::R
         .reshape((out, r))
 }
 
+/// The inverse of [`permute_rows_for_interleaved_rope`]: factors trained on a GGUF llama base
+/// back to the Hugging Face row order PEFT files use.
+pub(crate) fn unpermute_rows_for_interleaved_rope(
+    b: &Tensor,
+    heads: usize,
+) -> candle_core::Result<Tensor> {
+    let (out, r) = b.dims2()?;
+    b.reshape((heads, out / heads / 2, 2, r))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, r))
+}
+
 fn read_f32(st: &SafeTensors<'_>, key: &str, file: &Path) -> Result<Tensor> {
     let view = st.tensor(key).map_err(|e| AdapterError::Invalid {
         file: file.to_path_buf(),

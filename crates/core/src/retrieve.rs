@@ -279,6 +279,29 @@ impl RetrievalEval {
         &self.tasks
     }
 
+    /// The domain of each task, in the order of [`RetrievalEval::tasks`].
+    pub fn domains(&self) -> &[String] {
+        &self.domains
+    }
+
+    /// Test input `i`'s own task (its position in [`RetrievalEval::tasks`]).
+    pub fn own_task(&self, i: usize) -> usize {
+        self.tests[i].0
+    }
+
+    /// Every task ranked for test input `i`, best first, with its score (ties by task order).
+    pub fn ranked(&self, i: usize, scoring: Scoring) -> Vec<(usize, f32)> {
+        let q = &self.queries[i];
+        let mut ranked: Vec<(usize, f32)> = self
+            .profiles
+            .iter()
+            .enumerate()
+            .map(|(t, p)| (t, score(scoring, q, p)))
+            .collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        ranked
+    }
+
     /// The paper's retrieval accuracy: every test input ranks all tasks; a hit at k when its
     /// own task is among the top k. With `ood`, the own task is masked by [`top_k_masking`] and
     /// a hit is a task of the same domain (the own task can never be retrieved).
@@ -286,16 +309,9 @@ impl RetrievalEval {
         let max_k = ks.iter().copied().max().unwrap_or(1);
         let mut hits: BTreeMap<usize, (usize, BTreeMap<String, usize>)> = BTreeMap::new();
         let mut per_domain_n: BTreeMap<String, usize> = BTreeMap::new();
-        for ((own, domain), q) in self.tests.iter().zip(&self.queries) {
+        for (i, (own, domain)) in self.tests.iter().enumerate() {
             *per_domain_n.entry(domain.clone()).or_default() += 1;
-            let mut ranked: Vec<(usize, f32)> = self
-                .profiles
-                .iter()
-                .enumerate()
-                .map(|(i, p)| (i, score(scoring, q, p)))
-                .collect();
-            ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            let order: Vec<usize> = ranked.iter().map(|r| r.0).collect();
+            let order: Vec<usize> = self.ranked(i, scoring).iter().map(|r| r.0).collect();
             for &k in ks {
                 let hit = if ood {
                     top_k_masking(&order[..order.len().min(max_k + 1)], k, Some(own))

@@ -385,6 +385,46 @@ impl Decoder {
         at: LogitsAt,
         delta: &dyn SiteDelta,
     ) -> Result<Tensor> {
+        let (x, spans) = self.forward_hidden(rows, caches, delta)?;
+        let (x, head_rows) = match at {
+            LogitsAt::All => (x, spans),
+            LogitsAt::Last => {
+                let last: Vec<u32> = spans.iter().map(|s| (s.start + s.len - 1) as u32).collect();
+                let idx = Tensor::from_vec(last, spans.len(), &self.device)?;
+                let one = (0..spans.len()).map(|start| RowSpan { start, len: 1 });
+                (x.index_select(&idx, 0)?, one.collect())
+            }
+        };
+        self.head(&x, &head_rows)
+    }
+
+    /// Final norm and LM head of hidden states `x` `[n, hidden]` whose rows are spanned by `rows`:
+    /// logits `[n, vocab]`. With [`Decoder::forward_hidden`], lets training compute logits only
+    /// where a loss needs them.
+    pub fn head(&self, x: &Tensor, rows: &[RowSpan]) -> Result<Tensor> {
+        let x = self.rms_norm(&x.contiguous()?, &self.norm)?;
+        Ok(self.lm_head.forward_rows(&x, rows)?)
+    }
+
+    /// RMS norm; the composite (differentiable) form when `x` depends on trainable tensors,
+    /// since candle's fused kernel has no backward pass.
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        if x.track_op() {
+            candle_nn::ops::rms_norm_slow(x, w, eps)
+        } else {
+            candle_nn::ops::rms_norm(x, w, eps)
+        }
+    }
+
+    /// The decoder layers over the new tokens of every row (see [`Decoder::forward`]): the final
+    /// hidden states `[n_tokens, hidden]` before the last norm, and each row's span in them.
+    pub fn forward_hidden(
+        &self,
+        rows: &[RowInput<'_>],
+        caches: &mut [&mut SeqCache],
+        delta: &dyn SiteDelta,
+    ) -> Result<(Tensor, Vec<RowSpan>)> {
         if rows.is_empty() {
             return Err(ModelError::Input(
                 "a forward pass needs at least one row".into(),
@@ -439,9 +479,8 @@ impl Decoder {
             .zip(&starts)
             .map(|(s, &pos)| self.rope_tables(pos, s.len))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let eps = self.cfg.rms_norm_eps as f32;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let h = self.rms_norm(&x, &layer.attn_norm)?;
             let q = layer.q.forward(&h, &spans, delta)?;
             let k = layer.k.forward(&h, &spans, delta)?;
             let v = layer.v.forward(&h, &spans, delta)?;
@@ -476,23 +515,13 @@ impl Decoder {
                 Tensor::cat(&outs, 0)?
             };
             x = (x + layer.o.forward(&attn, &spans, delta)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
+            let h = self.rms_norm(&x, &layer.mlp_norm)?;
             let g = layer.gate.forward(&h, &spans, delta)?;
             let u = layer.up.forward(&h, &spans, delta)?;
             let m = (candle_nn::ops::silu(&g)? * u)?;
             x = (x + layer.down.forward(&m, &spans, delta)?)?;
         }
-        let (x, head_rows) = match at {
-            LogitsAt::All => (x, spans),
-            LogitsAt::Last => {
-                let last: Vec<u32> = spans.iter().map(|s| (s.start + s.len - 1) as u32).collect();
-                let idx = Tensor::from_vec(last, spans.len(), &self.device)?;
-                let one = (0..spans.len()).map(|start| RowSpan { start, len: 1 });
-                (x.index_select(&idx, 0)?, one.collect())
-            }
-        };
-        let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, eps)?;
-        Ok(self.lm_head.forward_rows(&x, &head_rows)?)
+        Ok((x, spans))
     }
 
     /// cos and sin `[t, head_dim / 2]` for positions `pos .. pos + t`.
@@ -535,9 +564,12 @@ impl Decoder {
                 .reshape((1, t, heads, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
-            let x = match self.cfg.rope_style {
-                RopeStyle::Halves => candle_nn::rotary_emb::rope(&x, cos, sin)?,
-                RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, cos, sin)?,
+            // candle's fused rope kernels have no backward pass; training takes the composite.
+            let x = match (self.cfg.rope_style, x.track_op()) {
+                (RopeStyle::Halves, false) => candle_nn::rotary_emb::rope(&x, cos, sin)?,
+                (RopeStyle::Halves, true) => candle_nn::rotary_emb::rope_slow(&x, cos, sin)?,
+                (RopeStyle::Interleaved, false) => candle_nn::rotary_emb::rope_i(&x, cos, sin)?,
+                (RopeStyle::Interleaved, true) => candle_nn::rotary_emb::rope_i_slow(&x, cos, sin)?,
             };
             x.squeeze(0)
         };
@@ -545,6 +577,9 @@ impl Decoder {
         let k = rope(k, nkv)?; // [nkv, t, hd]
         let v = v.reshape((t, nkv, hd))?.transpose(0, 1)?.contiguous()?;
         let (k_all, v_all) = cache.append(layer, &k, &v)?; // [nkv, T, hd]
+        // The cache copies into its buffer, which cuts the graph: a row starting from an empty
+        // cache attends to its own k, v (the same numbers), so training gradients reach them.
+        let (k_all, v_all) = if pos == 0 { (k, v) } else { (k_all, v_all) };
         let total = pos + t;
         let group = nh / nkv;
         // Heads that share a kv head are stacked along the query axis: no repeat of K/V.

@@ -10,14 +10,23 @@ use candle_core::{CpuStorage, Module, Storage, Tensor};
 use super::qgemm;
 
 /// The seven projections of a decoder layer, named as PEFT's `target_modules` name them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum SiteKind {
+    #[serde(rename = "q_proj")]
     Q,
+    #[serde(rename = "k_proj")]
     K,
+    #[serde(rename = "v_proj")]
     V,
+    #[serde(rename = "o_proj")]
     O,
+    #[serde(rename = "gate_proj")]
     Gate,
+    #[serde(rename = "up_proj")]
     Up,
+    #[serde(rename = "down_proj")]
     Down,
 }
 
@@ -271,6 +280,9 @@ impl Linear {
     /// numbers must not depend on its neighbours, or greedy decoding in a batch would differ
     /// from the same request alone. `rows` spans `x`'s rows back to back.
     pub fn forward_rows(&self, x: &Tensor, rows: &[RowSpan]) -> candle_core::Result<Tensor> {
+        if x.track_op() {
+            return self.forward_with(x, Path::Dense);
+        }
         let paths: Vec<Path> = rows.iter().map(|r| self.path(r.len)).collect();
         let Some(&first) = paths.first() else {
             return self.forward_base(x);
@@ -301,6 +313,17 @@ impl Linear {
 
     /// `W x + b` along `path`. `x`: `[n, in_features]`.
     fn forward_with(&self, x: &Tensor, path: Path) -> candle_core::Result<Tensor> {
+        // Training: activations that depend on trainable factors need a backward pass, which
+        // candle's quantized matmul lacks, and candle's dense matmul would spend as much again on
+        // the frozen weight's gradient. The frozen product returns only the input's gradient.
+        if x.track_op() && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+            let w = self.dense_weight()?;
+            let y = x.contiguous()?.apply_op1(FrozenProduct { w })?;
+            return match &self.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
+        }
         let y = match (&self.weight, path) {
             (LinearWeight::Dense(w), _) => x.matmul(&w.t()?)?,
             (LinearWeight::Quantized(_, q), Path::Dense) => {
@@ -355,5 +378,40 @@ fn own_kernel_min_rows(dtype: GgmlDType) -> usize {
         GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => 2,
         GgmlDType::Q4_0 => 8,
         _ => usize::MAX,
+    }
+}
+
+/// `x Wᵀ` with `W` a constant: its backward pass computes only `∂x = ∂y W`, never the weight's
+/// gradient that candle's matmul would compute and throw away. `x`: `[n, in]`, `W`: `[out, in]`.
+struct FrozenProduct {
+    w: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenProduct {
+    fn name(&self) -> &'static str {
+        "frozen-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        let (CpuStorage::F32(v), Some((a, b))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("frozen-product: expects contiguous f32 activations")
+        };
+        let x = Tensor::from_slice(&v[a..b], layout.shape(), &candle_core::Device::Cpu)?;
+        let y = x.matmul(&self.w.t()?)?;
+        let shape = y.shape().clone();
+        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1()?), shape))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_y.matmul(&self.w)?))
     }
 }
