@@ -415,3 +415,37 @@ impl candle_core::CustomOp1 for FrozenProduct {
         Ok(Some(grad_y.matmul(&self.w)?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The frozen product's backward (input gradient only) against candle's matmul backward.
+    #[test]
+    fn frozen_product_gradient_matches_candle_matmul() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (5, 3), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
+        let lin = Linear::new(LinearWeight::Dense(w.clone()), Some(bias.clone()), None, 5, 3);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3), &dev).unwrap()).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap();
+        let ours = lin.forward_base(x.as_tensor()).unwrap();
+        let reference = x
+            .as_tensor()
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap();
+        let close = |a: &Tensor, b: &Tensor| {
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            d.to_scalar::<f32>().unwrap()
+        };
+        assert!(close(&ours, &reference) < 1e-5);
+        let grad = |y: &Tensor| {
+            let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            g.get(x.as_tensor()).unwrap().clone()
+        };
+        assert!(close(&grad(&ours), &grad(&reference)) < 1e-5);
+    }
+}
