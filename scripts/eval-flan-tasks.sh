@@ -37,8 +37,9 @@ cols = [("none", "None"), ("perfect", "Perfect"), ("selection", "Sel IID"), ("se
         ("fusion", "Fus IID"), ("fusion-ood", "Fus OOD"), ("mixture", "Mix IID"), ("mixture-ood", "Mix OOD")]
 reps = {k: json.load(open(os.path.join(out, k + ".json")))["report"] for k, _ in cols}
 clusters = sorted(reps["none"]["per_cluster"])
-order = ["struct to text", "translation", "commonsense", "sentiment", "reading comp.", "closed-book qa",
-         "coreference", "read. comp. w/ commonsense", "paraphrase", "nli"]
+# The paper's row order (the data's domain names).
+order = ["struct to text", "translation", "commonsense", "sentiment", "reading comp", "closed_book qa",
+         "coreference", "read.comp.w:commonsense", "paraphrase", "nli"]
 clusters = sorted(clusters, key=lambda c: order.index(c.lower()) if c.lower() in order else 99)
 n = reps["none"]["n"]
 print(f"{n} inputs ({len(reps['none']['per_task'])} tasks), greedy, 50 new tokens, k = 3\n")

@@ -427,7 +427,13 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (5, 3), &dev).unwrap();
         let bias = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
-        let lin = Linear::new(LinearWeight::Dense(w.clone()), Some(bias.clone()), None, 5, 3);
+        let lin = Linear::new(
+            LinearWeight::Dense(w.clone()),
+            Some(bias.clone()),
+            None,
+            5,
+            3,
+        );
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3), &dev).unwrap()).unwrap();
         let r = Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap();
         let ours = lin.forward_base(x.as_tensor()).unwrap();
