@@ -107,11 +107,9 @@ pub(crate) fn run_train(a: TrainArgs) -> Result<()> {
     let bar = (!a.json && std::io::stderr().is_terminal()).then(|| {
         let b = ProgressBar::new(cfg.steps as u64);
         b.set_style(
-            ProgressStyle::with_template(
-                "{spinner} training [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{spinner} train [{bar:20}] {pos}/{len} {msg} ETA {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
         );
         b
     });
@@ -124,8 +122,8 @@ pub(crate) fn run_train(a: TrainArgs) -> Result<()> {
         );
         match &bar {
             Some(b) => {
-                b.set_position(r.step as u64);
                 b.set_message(msg);
+                b.set_position(r.step as u64);
             }
             None if !quiet => eprintln!("step {}/{}  {msg}", r.step, r.steps),
             None => {}
