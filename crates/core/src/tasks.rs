@@ -337,6 +337,7 @@ pub fn run(
                 t.task
             )));
         }
+        // An unknown metric is refused before anything is generated.
         score(&metric, "", "")?;
         let (plan, picked) = adapters_for(retrieval, i, cfg);
         let uses = picked

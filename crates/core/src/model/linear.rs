@@ -364,7 +364,7 @@ impl Linear {
 }
 
 /// From how many rows [`QuantKernel::Auto`] uses [`qgemm`] for weights of `dtype` (measured with
-/// `qgemm_speed` and `ramole bench model` on SmolLM2's shapes, AVX2, 1 and 2 threads):
+/// `ramole bench model --batches` on SmolLM2's shapes, AVX2, 1 and 2 threads):
 /// - Q8_0: from 1 row. At one row ours is as fast as candle's int8 dot products (29.9 vs 25.6
 ///   tok/s decode on 1 thread, 48.6 vs 49.3 on 2), much faster from 2 rows on, and it does not
 ///   spin like candle's barrier pool when the cores are shared.
