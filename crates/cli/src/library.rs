@@ -435,6 +435,8 @@ pub(crate) fn run_chat(a: ChatArgs) -> Result<()> {
         exclude: a.exclude.clone(),
         system_prompt: a.system.clone(),
         params: a.sampling.params(Vec::new()),
+        pinned: Vec::new(),
+        action: chat::ChatAction::Send,
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

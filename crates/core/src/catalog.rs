@@ -343,6 +343,16 @@ pub struct Provenance {
     pub layer_gates: Option<serde_json::Value>,
 }
 
+/// The session a turn goes to.
+#[derive(Debug, Clone, Copy)]
+pub enum TurnChat<'a> {
+    Existing(i64),
+    New {
+        title: &'a str,
+        system_prompt: Option<&'a str>,
+    },
+}
+
 pub struct Catalog {
     conn: Connection,
     path: PathBuf,
@@ -826,36 +836,83 @@ impl Catalog {
             source,
         };
         let tx = self.conn.transaction().map_err(wrap)?;
-        let id = insert_message(&tx, chat_id, "assistant", content).map_err(wrap)?;
-        tx.execute(
-            "INSERT INTO provenance (message_id, plan, k, query, base_model, embedder, scoring,
-                gating, generation, layer_gates)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![
-                id,
-                prov.plan,
-                prov.k as i64,
-                prov.query,
-                prov.base_model,
-                prov.embedder,
-                prov.scoring,
-                prov.gating,
-                prov.generation.to_string(),
-                prov.layer_gates.as_ref().map(|v| v.to_string()),
-            ],
-        )
-        .map_err(wrap)?;
-        for (i, a) in prov.adapters.iter().enumerate() {
+        let id = insert_reply(&tx, chat_id, content, prov).map_err(wrap)?;
+        tx.commit().map_err(wrap)?;
+        Ok(id)
+    }
+
+    /// Sets (or, with `None` or blank text, clears) a session's system prompt.
+    pub fn set_system_prompt(
+        &mut self,
+        id: i64,
+        system_prompt: Option<&str>,
+    ) -> Result<ChatSession> {
+        let prompt = system_prompt.filter(|p| !p.trim().is_empty());
+        let n = self
+            .conn
+            .execute(
+                "UPDATE chats SET system_prompt = ?2 WHERE id = ?1",
+                params![id, prompt],
+            )
+            .map_err(self.sql())?;
+        if n == 0 {
+            return Err(CatalogError::NoChat(id));
+        }
+        self.require_chat(id)
+    }
+
+    /// Stores one chat turn in one transaction, so a crash keeps the old history or the new one:
+    /// creates the session when it is new, deletes its messages from `truncate_from` on (a
+    /// regenerated reply, an edited message and what followed it), adds the user message (if
+    /// any) and the reply with its provenance. Returns (session, user message, reply).
+    pub fn commit_turn(
+        &mut self,
+        chat: TurnChat<'_>,
+        truncate_from: Option<i64>,
+        user: Option<&str>,
+        reply: &str,
+        prov: &Provenance,
+    ) -> Result<(i64, Option<i64>, i64)> {
+        let path = self.path.clone();
+        let wrap = |source| CatalogError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(wrap)?;
+        let chat_id = match chat {
+            TurnChat::Existing(id) => {
+                let exists: Option<i64> = tx
+                    .query_row("SELECT id FROM chats WHERE id = ?1", [id], |r| r.get(0))
+                    .optional()
+                    .map_err(wrap)?;
+                exists.ok_or(CatalogError::NoChat(id))?
+            }
+            TurnChat::New {
+                title,
+                system_prompt,
+            } => {
+                tx.execute(
+                    "INSERT INTO chats (title, system_prompt) VALUES (?1, ?2)",
+                    params![title, system_prompt],
+                )
+                .map_err(wrap)?;
+                tx.last_insert_rowid()
+            }
+        };
+        if let Some(from) = truncate_from {
             tx.execute(
-                "INSERT INTO provenance_adapters (message_id, position, adapter_key, adapter_id,
-                    name, score, gate)
-                 VALUES (?1, ?2, (SELECT key FROM adapters WHERE id = ?3), ?3, ?4, ?5, ?6)",
-                params![id, i as i64, a.id, a.name, a.score, a.gate],
+                "DELETE FROM messages WHERE chat_id = ?1 AND id >= ?2",
+                params![chat_id, from],
             )
             .map_err(wrap)?;
         }
+        let user_id = match user {
+            Some(text) => Some(insert_message(&tx, chat_id, "user", text).map_err(wrap)?),
+            None => None,
+        };
+        let reply_id = insert_reply(&tx, chat_id, reply, prov).map_err(wrap)?;
         tx.commit().map_err(wrap)?;
-        Ok(id)
+        Ok((chat_id, user_id, reply_id))
     }
 
     pub fn provenance(&self, message_id: i64) -> Result<Option<Provenance>> {
@@ -986,6 +1043,42 @@ fn message_from_row(r: &Row<'_>) -> rusqlite::Result<StoredMessage> {
         content: r.get(3)?,
         created_at: r.get(4)?,
     })
+}
+
+/// Inserts an assistant message and its provenance rows.
+fn insert_reply(
+    tx: &rusqlite::Transaction<'_>,
+    chat_id: i64,
+    content: &str,
+    prov: &Provenance,
+) -> rusqlite::Result<i64> {
+    let id = insert_message(tx, chat_id, "assistant", content)?;
+    tx.execute(
+        "INSERT INTO provenance (message_id, plan, k, query, base_model, embedder, scoring,
+            gating, generation, layer_gates)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        params![
+            id,
+            prov.plan,
+            prov.k as i64,
+            prov.query,
+            prov.base_model,
+            prov.embedder,
+            prov.scoring,
+            prov.gating,
+            prov.generation.to_string(),
+            prov.layer_gates.as_ref().map(|v| v.to_string()),
+        ],
+    )?;
+    for (i, a) in prov.adapters.iter().enumerate() {
+        tx.execute(
+            "INSERT INTO provenance_adapters (message_id, position, adapter_key, adapter_id,
+                name, score, gate)
+             VALUES (?1, ?2, (SELECT key FROM adapters WHERE id = ?3), ?3, ?4, ?5, ?6)",
+            params![id, i as i64, a.id, a.name, a.score, a.gate],
+        )?;
+    }
+    Ok(id)
 }
 
 fn insert_message(

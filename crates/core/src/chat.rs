@@ -5,8 +5,8 @@
 
 use serde::Serialize;
 
-use crate::catalog::{Provenance, ServedAdapter};
-use crate::engine::{AdapterUse, Engine, EngineError, Job, JobEvent, MixRequest};
+use crate::catalog::{ChatSession, Provenance, ServedAdapter, TurnChat};
+use crate::engine::{AdapterUse, Engine, EngineError, Job, JobEvent, JobHandle, MixRequest};
 use crate::library::{Library, LibraryError};
 use crate::model::{ChatMessage, FinishReason, GenerateParams, Generation, ModelError};
 use crate::mole::{Gating, MoleError, Plan};
@@ -74,13 +74,68 @@ pub struct ChatRequest {
     /// System prompt of a new session.
     pub system_prompt: Option<String>,
     pub params: GenerateParams,
+    /// Non-empty: these adapters serve the message instead of retrieval.
+    pub pinned: Vec<Pin>,
+    pub action: ChatAction,
+}
+
+/// What a message does to its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ChatAction {
+    /// A new user message, answered.
+    #[default]
+    Send,
+    /// Answers the session's last user message again, replacing the reply that followed it.
+    Regenerate,
+    /// Replaces user message `message_id` with the request's text, dropping everything after
+    /// it, and answers.
+    Edit { message_id: i64 },
+    /// Answers the history up to user message `message_id` again (another plan, say) without
+    /// storing anything.
+    Compare { message_id: i64 },
+}
+
+/// An adapter pinned by hand for a message, with its gate (`None`: an equal share of what the
+/// given gates leave).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, Serialize)]
+pub struct Pin {
+    pub id: String,
+    pub gate: Option<f32>,
+}
+
+/// Gates of pinned adapters: given gates kept, the others share what is left of 1 equally, then
+/// all are scaled to sum to 1 (sliders need not add up).
+pub fn pinned_gates(pins: &[Pin]) -> Result<Vec<(String, f32)>> {
+    let given: Vec<f32> = pins.iter().filter_map(|p| p.gate).collect();
+    crate::mole::check_gates(&given)?;
+    let open = pins.len() - given.len();
+    let share = if open == 0 {
+        0.0
+    } else {
+        (1.0 - given.iter().sum::<f32>()).max(0.0) / open as f32
+    };
+    let raw: Vec<f32> = pins.iter().map(|p| p.gate.unwrap_or(share)).collect();
+    let total: f32 = raw.iter().sum();
+    if total <= 0.0 {
+        return Err(ChatError::Invalid(
+            "the pinned adapters' gates are all 0: give at least one a weight".into(),
+        ));
+    }
+    Ok(pins
+        .iter()
+        .zip(raw)
+        .map(|(p, g)| (p.id.clone(), g / total))
+        .collect())
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatReply {
     pub session: i64,
-    pub user_message: i64,
-    pub message: i64,
+    /// The stored user message (`None` for regenerate and compare).
+    pub user_message: Option<i64>,
+    /// The stored reply (`None` for compare).
+    pub message: Option<i64>,
     pub reply: String,
     pub finish_reason: FinishReason,
     pub provenance: Provenance,
@@ -332,49 +387,189 @@ pub fn check_max_tokens(max_tokens: usize, ctx: usize) -> Result<()> {
     Ok(())
 }
 
-/// Answers `req` in its session through `engine` (running the library's active base), calling
-/// `on_text` with each printable piece of the reply.
-pub fn send(
-    lib: &mut Library,
-    engine: &Engine,
-    req: &ChatRequest,
-    on_text: &mut dyn FnMut(&str),
-) -> Result<ChatReply> {
-    check_message(&req.text)?;
-    let text = req.text.trim();
-    let ctx = engine.model().decoder.config().max_position_embeddings;
-    check_max_tokens(req.params.max_tokens, ctx)?;
-    // Retrieval first: a bad exclusion or a broken index fails before anything is stored.
-    let routing = Routing::retrieve(lib, text, req.k, req.plan, req.gating, &req.exclude)?;
+/// A reply under way: routed, its job running in the engine, nothing stored yet. The library
+/// is not needed while it generates, so a caller holding the library in a lock can release it.
+pub struct Turn {
+    provenance: Provenance,
+    handle: JobHandle,
+    events: std::sync::mpsc::Receiver<JobEvent>,
+    params: GenerateParams,
+    dropped: usize,
+    session: Option<ChatSession>,
+    /// Title and system prompt of a session created when the turn is stored.
+    new_session: (String, Option<String>),
+    truncate_from: Option<i64>,
+    user_text: Option<String>,
+    store: bool,
+}
 
-    // The prompt is built in memory first: nothing is stored until the engine has the request
-    // running (its adapters loaded), so a broken adapter or a full engine stores nothing.
-    let model = engine.model();
-    let session = match req.session {
-        Some(id) => Some(lib.catalog_mut().require_chat(id)?),
-        None => None,
+impl Turn {
+    /// The adapters, scores and gates serving this reply (its `generation` record is filled in
+    /// when the turn is finished).
+    pub fn provenance(&self) -> &Provenance {
+        &self.provenance
+    }
+
+    /// The session it continues (`None`: a new one is created when it is stored).
+    pub fn session(&self) -> Option<i64> {
+        self.session.as_ref().map(|s| s.id)
+    }
+
+    /// Cancels the reply: generation stops and the text so far is stored as a cancelled reply.
+    pub fn handle(&self) -> &JobHandle {
+        &self.handle
+    }
+
+    /// Runs the reply to its end, calling `on_text` with each printable piece.
+    pub fn generate(&mut self, on_text: &mut dyn FnMut(&str)) -> Result<Generation> {
+        loop {
+            match self.events.recv() {
+                Ok(JobEvent::Text(t)) => on_text(&t),
+                Ok(JobEvent::Done(g)) => return Ok(g),
+                Ok(JobEvent::Failed(e)) => return Err(e.into()),
+                Ok(JobEvent::Started) => {}
+                Err(_) => return Err(EngineError::Stopped.into()),
+            }
+        }
+    }
+}
+
+/// The history a turn answers and what it changes in the session.
+struct Script {
+    history: Vec<ChatMessage>,
+    query: String,
+    truncate_from: Option<i64>,
+    user_text: Option<String>,
+    store: bool,
+}
+
+fn script(lib: &Library, req: &ChatRequest, session: Option<&ChatSession>) -> Result<Script> {
+    let stored = match session {
+        Some(s) => lib.catalog().messages(s.id)?,
+        None => Vec::new(),
     };
-    let system_prompt = match &session {
+    let system_prompt = match session {
         Some(s) => s.system_prompt.clone(),
         None => req.system_prompt.clone(),
     };
     let mut history: Vec<ChatMessage> = Vec::new();
-    if let Some(sys) = system_prompt.as_deref().filter(|s| !s.is_empty()) {
+    if let Some(sys) = system_prompt.as_deref().filter(|s| !s.trim().is_empty()) {
         history.push(ChatMessage::new("system", sys));
     }
-    if let Some(s) = &session {
-        for m in lib.catalog_mut().messages(s.id)? {
-            history.push(ChatMessage::new(m.role, m.content));
+    let user_at = |id: i64| -> Result<usize> {
+        let what = match session {
+            Some(s) => format!("session {}", s.id),
+            None => "a new session".into(),
+        };
+        match stored.iter().position(|m| m.id == id) {
+            Some(i) if stored[i].role == "user" => Ok(i),
+            Some(_) => Err(ChatError::Invalid(format!(
+                "message {id} is a reply, not a user message"
+            ))),
+            None => Err(ChatError::Invalid(format!("{what} has no message {id}"))),
         }
+    };
+    let push = |history: &mut Vec<ChatMessage>, upto: usize| {
+        for m in &stored[..upto] {
+            history.push(ChatMessage::new(m.role.clone(), m.content.clone()));
+        }
+    };
+    Ok(match req.action {
+        ChatAction::Send => {
+            check_message(&req.text)?;
+            push(&mut history, stored.len());
+            history.push(ChatMessage::new("user", &req.text));
+            Script {
+                history,
+                query: req.text.trim().to_string(),
+                truncate_from: None,
+                user_text: Some(req.text.clone()),
+                store: true,
+            }
+        }
+        ChatAction::Edit { message_id } => {
+            check_message(&req.text)?;
+            let at = user_at(message_id)?;
+            push(&mut history, at);
+            history.push(ChatMessage::new("user", &req.text));
+            Script {
+                history,
+                query: req.text.trim().to_string(),
+                truncate_from: Some(message_id),
+                user_text: Some(req.text.clone()),
+                store: true,
+            }
+        }
+        ChatAction::Regenerate | ChatAction::Compare { .. } => {
+            let at = match req.action {
+                ChatAction::Compare { message_id } => user_at(message_id)?,
+                _ => stored
+                    .iter()
+                    .rposition(|m| m.role == "user")
+                    .ok_or_else(|| {
+                        ChatError::Invalid("there is no user message to answer again".into())
+                    })?,
+            };
+            push(&mut history, at + 1);
+            let store = matches!(req.action, ChatAction::Regenerate);
+            Script {
+                history,
+                query: stored[at].content.trim().to_string(),
+                // Regenerate replaces what followed the user message.
+                truncate_from: stored.get(at + 1).map(|m| m.id).filter(|_| store),
+                user_text: None,
+                store,
+            }
+        }
+    })
+}
+
+/// Routes `req`, builds its prompt and starts it in `engine` (running the library's active
+/// base); returns once the engine has the request running (its adapters loaded), so a broken
+/// adapter or a full engine fails here. Nothing is stored until [`finish`].
+pub fn begin(lib: &Library, engine: &Engine, req: &ChatRequest) -> Result<Turn> {
+    let ctx = engine.model().decoder.config().max_position_embeddings;
+    check_max_tokens(req.params.max_tokens, ctx)?;
+    if req.session.is_none() && !matches!(req.action, ChatAction::Send) {
+        return Err(ChatError::Invalid(
+            "regenerate, edit and compare need a session".into(),
+        ));
     }
-    history.push(ChatMessage::new("user", &req.text));
+    let session = match req.session {
+        Some(id) => Some(lib.catalog().require_chat(id)?),
+        None => None,
+    };
+    let script = script(lib, req, session.as_ref())?;
+    // Routing before anything runs: a bad exclusion, pin or a broken index fails here.
+    let routing = if req.pinned.is_empty() {
+        Routing::retrieve(
+            lib,
+            &script.query,
+            req.k,
+            req.plan,
+            req.gating,
+            &req.exclude,
+        )?
+    } else {
+        let plan = match req.plan {
+            PlanChoice::Plan(Plan::None) => {
+                return Err(ChatError::Invalid(
+                    "plan none uses no adapter, but adapters are pinned".into(),
+                ));
+            }
+            PlanChoice::Plan(p) => Some(p),
+            PlanChoice::Auto => None,
+        };
+        Routing::given(lib, &pinned_gates(&req.pinned)?, plan)?
+    };
+    let model = engine.model();
     let budget = ctx - req.params.max_tokens;
-    let (messages, dropped) = fit_history(&history, budget, &mut |msgs| {
+    let (messages, dropped) = fit_history(&script.history, budget, &mut |msgs| {
         model.chat_prompt(msgs).map(|ids| ids.len())
     })?;
     let prompt = model.chat_prompt(&messages)?;
     let (tx, rx) = std::sync::mpsc::channel();
-    engine.submit(
+    let handle = engine.submit(
         Job {
             prompt,
             params: req.params.clone(),
@@ -382,44 +577,75 @@ pub fn send(
         },
         Box::new(move |e| tx.send(e).is_ok()),
     )?;
-    let mut events = rx.into_iter();
-    match events.next() {
-        Some(JobEvent::Started) => {}
-        Some(JobEvent::Failed(e)) => return Err(e.into()),
+    match rx.recv() {
+        Ok(JobEvent::Started) => {}
+        Ok(JobEvent::Failed(e)) => return Err(e.into()),
         _ => return Err(EngineError::Stopped.into()),
     }
-    let catalog = lib.catalog_mut();
-    let session = match session {
-        Some(s) => s,
-        None => {
-            let title: String = text.chars().take(60).collect();
-            catalog.create_chat(&title, req.system_prompt.as_deref())?
-        }
+    let title: String = script.query.chars().take(60).collect();
+    Ok(Turn {
+        provenance: routing.provenance(lib, &script.query),
+        handle,
+        events: rx,
+        params: req.params.clone(),
+        dropped,
+        session,
+        new_session: (title, req.system_prompt.clone()),
+        truncate_from: script.truncate_from,
+        user_text: script.user_text,
+        store: script.store,
+    })
+}
+
+/// Stores a finished turn (one transaction) and returns the reply with its provenance.
+pub fn finish(lib: &mut Library, turn: Turn, generation: Generation) -> Result<ChatReply> {
+    let mut provenance = turn.provenance;
+    provenance.generation = generation_record(&turn.params, &generation, turn.dropped);
+    let (session, user_message, message) = if turn.store {
+        let chat = match &turn.session {
+            Some(s) => TurnChat::Existing(s.id),
+            None => TurnChat::New {
+                title: &turn.new_session.0,
+                system_prompt: turn
+                    .new_session
+                    .1
+                    .as_deref()
+                    .filter(|s| !s.trim().is_empty()),
+            },
+        };
+        let (session, user, reply) = lib.catalog_mut().commit_turn(
+            chat,
+            turn.truncate_from,
+            turn.user_text.as_deref(),
+            &generation.text,
+            &provenance,
+        )?;
+        (session, user, Some(reply))
+    } else {
+        (turn.session.as_ref().map_or(0, |s| s.id), None, None)
     };
-    let user_message = catalog.add_message(session.id, "user", &req.text)?;
-    let generation = loop {
-        match events.next() {
-            Some(JobEvent::Text(t)) => on_text(&t),
-            Some(JobEvent::Done(g)) => break g,
-            Some(JobEvent::Failed(e)) => return Err(e.into()),
-            Some(JobEvent::Started) => {}
-            None => return Err(EngineError::Stopped.into()),
-        }
-    };
-    let mut provenance = routing.provenance(lib, text);
-    provenance.generation = generation_record(&req.params, &generation, dropped);
-    let message = lib
-        .catalog_mut()
-        .add_reply(session.id, &generation.text, &provenance)?;
     Ok(ChatReply {
-        session: session.id,
+        session,
         user_message,
         message,
         reply: generation.text,
         finish_reason: generation.finish_reason,
         provenance,
-        dropped_messages: dropped,
+        dropped_messages: turn.dropped,
     })
+}
+
+/// Answers `req` in its session through `engine`, calling `on_text` with each printable piece
+/// of the reply: [`begin`], [`Turn::generate`], [`finish`].
+pub fn send(
+    lib: &mut Library,
+    engine: &Engine,
+    req: &ChatRequest,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<ChatReply> {
+    let mut turn = begin(lib, engine, req)?;
+    let generation = turn.generate(on_text)?;
+    finish(lib, turn, generation)
 }
 
 #[cfg(test)]

@@ -18,6 +18,56 @@ pub fn data_dir() -> PathBuf {
         .join("ramole")
 }
 
+/// The desktop app's pointer file (in the platform config dir): the data folder chosen in its
+/// Settings for the next start.
+pub fn desktop_pointer_path() -> PathBuf {
+    dirs::config_dir()
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("ramole/desktop.json")
+}
+
+/// The data folder the desktop app opens: `$RAMOLE_HOME`, else the folder its Settings chose
+/// (the pointer file), else the platform data dir. The second value is the chosen folder when
+/// `$RAMOLE_HOME` overrides it.
+pub fn desktop_data_dir() -> PathBuf {
+    if std::env::var_os("RAMOLE_HOME").is_some_and(|v| !v.is_empty()) {
+        return data_dir();
+    }
+    desktop_next_data_dir().unwrap_or_else(data_dir)
+}
+
+/// The folder the desktop app's Settings chose, if any.
+pub fn desktop_next_data_dir() -> Option<PathBuf> {
+    let text = std::fs::read_to_string(desktop_pointer_path()).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("data_dir")?.as_str().map(PathBuf::from)
+}
+
+/// Records (or with `None` forgets) the data folder for the desktop app's next start; the
+/// folder must be absolute.
+pub fn set_desktop_data_dir(dir: Option<&Path>) -> std::io::Result<()> {
+    let path = desktop_pointer_path();
+    match dir {
+        Some(d) => {
+            if !d.is_absolute() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("data folder {} must be an absolute path", d.display()),
+                ));
+            }
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let text = serde_json::json!({ "data_dir": d }).to_string();
+            crate::files::write_atomic(&path, text.as_bytes())
+        }
+        None => match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+    }
+}
+
 /// Where `scripts/fetch-test-models.sh` puts the real test models:
 /// `$RAMOLE_TEST_MODELS`, else `~/.cache/ramole/test-models`.
 pub fn test_models_dir() -> PathBuf {
@@ -63,6 +113,9 @@ pub struct Settings {
     pub embedder_path: PathBuf,
     #[serde(default)]
     pub retrieval: RetrievalDefaults,
+    /// Defaults of the desktop app's chat (the CLI takes its own flags).
+    #[serde(default)]
+    pub chat: ChatDefaults,
     /// Hub settings that override the environment.
     #[serde(default, skip_serializing_if = "HubOverrides::is_empty")]
     pub hub: HubOverrides,
@@ -160,6 +213,65 @@ impl Default for RetrievalDefaults {
     }
 }
 
+/// Chat defaults the desktop app starts each message with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ChatDefaults {
+    /// `auto` or a plan (DESIGN.md 3a).
+    pub plan: String,
+    pub max_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    /// Compute threads; 0 = what candle picks (all cores). Applies at the next start.
+    pub threads: usize,
+}
+
+impl Default for ChatDefaults {
+    fn default() -> Self {
+        Self {
+            plan: "auto".into(),
+            max_tokens: 256,
+            temperature: 0.7,
+            top_p: 0.95,
+            threads: 0,
+        }
+    }
+}
+
+impl ChatDefaults {
+    /// Every field within its range, named when it is not.
+    pub fn check(&self) -> Result<(), String> {
+        if !["auto", "selection", "mixture", "fusion", "none"].contains(&self.plan.as_str()) {
+            return Err(format!(
+                "plan {:?} is not one of auto, selection, mixture, fusion, none",
+                self.plan
+            ));
+        }
+        if self.max_tokens == 0 || self.max_tokens > 32_768 {
+            return Err(format!(
+                "max_tokens = {} must be within 1..=32768",
+                self.max_tokens
+            ));
+        }
+        if !(0.0..=5.0).contains(&self.temperature) {
+            return Err(format!(
+                "temperature = {} must be within 0..=5",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p = {} must be within (0, 1]", self.top_p));
+        }
+        if self.threads > 1024 {
+            return Err(format!(
+                "threads = {} must be within 0..=1024",
+                self.threads
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     #[error("{}: not initialised; run `ramole init --base <model> --embedder <dir>` first", path.display())]
@@ -198,6 +310,12 @@ impl Settings {
                 message: format!("retrieval.k = {} must be within 1..={MAX_K}", s.retrieval.k),
             });
         }
+        if let Err(message) = s.chat.check() {
+            return Err(SettingsError::Invalid {
+                path,
+                message: format!("chat: {message}"),
+            });
+        }
         Ok(s)
     }
 
@@ -212,6 +330,21 @@ impl Settings {
         crate::files::write_atomic(&path, text.as_bytes())
             .map_err(|source| SettingsError::Io { path, source })
     }
+}
+
+/// Sets candle's CPU thread count for the process: `threads` when it is above 0 and
+/// `RAYON_NUM_THREADS` is unset, else as [`pin_thread_count`].
+///
+/// # Safety
+///
+/// Sets an environment variable: call it at the start of `main`, before any other thread runs.
+pub unsafe fn set_thread_count(threads: usize) {
+    if threads > 0 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // SAFETY: the caller guarantees no other thread is running.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    }
+    // SAFETY: as above.
+    unsafe { pin_thread_count() };
 }
 
 /// The most adapters one message may mix.

@@ -111,6 +111,7 @@ pub fn init(
             .unwrap_or(base.id),
         embedder_path: absolute(embedder_path)?,
         retrieval,
+        chat: old.as_ref().map(|o| o.chat.clone()).unwrap_or_default(),
         hub: old.map(|o| o.hub).unwrap_or_default(),
     };
     settings.save(dir)?;

@@ -108,7 +108,8 @@ impl TrainConfig {
         ((examples as f64 * epochs) / self.batch.max(1) as f64).ceil() as usize
     }
 
-    fn check(&self) -> Result<()> {
+    /// Every setting within its range, named when it is not.
+    pub fn check(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::Invalid(m));
         if !(1..=256).contains(&self.rank) {
             return bad(format!("rank {}: must be 1 to 256", self.rank));
