@@ -374,3 +374,106 @@ fn check_routing(
     }
     Ok(())
 }
+
+/// Calls a command the way the UI does and returns `{ok, value}` or `{ok: false, failure}`.
+fn invoke(s: &Session, cmd: &str, args: serde_json::Value) -> Result<serde_json::Value, String> {
+    s.execute_async(
+        "const done = arguments[arguments.length - 1];
+         window.__TAURI_INTERNALS__.invoke(arguments[0], arguments[1])
+           .then(v => done({ok: true, value: v}), e => done({ok: false, failure: e}));",
+        vec![json!(cmd), args],
+    )
+}
+
+#[test]
+fn first_run_sets_up_the_models_and_only_the_apps_commands_are_allowed() {
+    require_tools().unwrap();
+    let (gguf, minilm) = (config::smollm2_gguf(), config::minilm_dir());
+    assert!(
+        gguf.is_file() && minilm.is_dir(),
+        "test models missing — run scripts/fetch-test-models.sh"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let display = Display::start(1024, 700).unwrap();
+    let driver = Driver::start(
+        &display,
+        &[
+            ("RAMOLE_HOME", data.as_path()),
+            ("XDG_CONFIG_HOME", &tmp.path().join("config")),
+            ("HF_HUB_OFFLINE", Path::new("1")),
+        ],
+        &tmp.path().join("webkitwebdriver.log"),
+    )
+    .unwrap();
+    let s = driver
+        .session(Path::new(env!("CARGO_BIN_EXE_ramole-desktop")))
+        .unwrap();
+    let result = (|| -> Result<(), String> {
+        s.set_window_size(1024, 700)?;
+        by_testid(&s, "first-run")?;
+        for (field, path) in [("base-path", gguf.as_path()), ("embedder-path", &minilm)] {
+            let input = by_testid(&s, field)?;
+            s.clear(&input)?;
+            s.type_text(&input, path.to_str().unwrap())?;
+        }
+        shot(&display, "first-run");
+        // The app's own commands answer; anything else is refused by the capability.
+        let status = invoke(&s, "app_status", json!({}))?;
+        if status["ok"] != true || status["value"]["ready"] != false {
+            return Err(format!("app_status before setup: {status}"));
+        }
+        for (cmd, args) in [
+            (
+                "plugin:event|listen",
+                json!({"event": "x", "target": {"kind": "Any"}, "handler": 1}),
+            ),
+            ("plugin:path|resolve_directory", json!({"directory": 1})),
+            ("plugin:app|version", json!({})),
+        ] {
+            let r = invoke(&s, cmd, args)?;
+            if r["ok"] != false || !r["failure"].to_string().contains("not allowed") {
+                return Err(format!(
+                    "{cmd} should be refused by the capability, got {r}"
+                ));
+            }
+        }
+        // A wrong path is refused with its name; nothing is written.
+        let bad = invoke(
+            &s,
+            "setup_models",
+            json!({"request": {"base_path": "/nonexistent/model.gguf",
+                               "embedder_path": minilm, "base_id": null}}),
+        )?;
+        if bad["failure"]["code"] != "invalid"
+            || !bad["failure"]["message"]
+                .to_string()
+                .contains("/nonexistent/model.gguf")
+        {
+            return Err(format!("a missing base should be named: {bad}"));
+        }
+        if data.join("settings.json").exists() {
+            return Err("a refused setup wrote settings.json".into());
+        }
+        s.click(&by_testid(&s, "setup-start")?)?;
+        s.wait_for("the chat after setup", LONG, |s| {
+            Ok((s.find_all("[data-testid=\"engine-loading\"]")?.is_empty()
+                && !s.find_all("[data-testid=\"chat-input\"]")?.is_empty())
+            .then_some(()))
+        })?;
+        let settings = config::Settings::load(&data).map_err(|e| e.to_string())?;
+        if settings.base_path != gguf || settings.embedder_path != minilm {
+            return Err(format!("stored settings {settings:?}"));
+        }
+        shot(&display, "first-run-ready");
+        if let Some(banner) = s.find_all("[data-testid=\"error-banner\"]")?.first() {
+            return Err(format!("an error showed on the way: {}", s.text(banner)?));
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        shot(&display, "first-run-failure");
+    }
+    let _ = s.close();
+    result.unwrap();
+}

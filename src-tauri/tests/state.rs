@@ -294,3 +294,70 @@ fn stop_keeps_the_partial_reply_and_settings_are_validated() {
     assert_eq!(e.code, "invalid");
     assert!(st.status().ready);
 }
+
+#[test]
+fn training_from_inline_examples_reports_progress_and_installs_the_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let st = setup(tmp.path());
+    let examples: Vec<serde_json::Value> = ["red apple", "blue sky", "green leaf", "old tree"]
+        .iter()
+        .map(|t| json!({"input": format!("Shout: {t}"), "target": t.to_uppercase()}))
+        .collect();
+    let req = |name: &str, examples: serde_json::Value| {
+        serde_json::from_value(json!({
+            "name": name, "examples_path": null, "examples": examples, "steps": 2, "rank": 4,
+            "alpha": 8.0, "lr": 0.001, "batch": 2, "template": "alpaca"
+        }))
+        .unwrap()
+    };
+    // Bad requests are named before any work.
+    let e = st
+        .train(req("../escape", json!(examples)), "t0", &mut |_| {})
+        .unwrap_err();
+    assert!(e.message.contains("adapter name"), "{e:?}");
+    let e = st
+        .train(
+            req("shout", json!([{"input": "x", "target": ""}])),
+            "t1",
+            &mut |_| {},
+        )
+        .unwrap_err();
+    assert_eq!(e.code, "invalid", "{e:?}");
+    assert!(e.message.contains("line 1"), "{e:?}");
+
+    let mut progress = Vec::new();
+    let rec = st
+        .train(req("shout", json!(examples)), "t2", &mut |p| {
+            progress.push(p)
+        })
+        .unwrap();
+    assert_eq!(
+        progress
+            .iter()
+            .map(|p| (p.step, p.steps))
+            .collect::<Vec<_>>(),
+        [(1, 2), (2, 2)]
+    );
+    assert!(
+        progress
+            .iter()
+            .all(|p| p.loss.is_finite() && p.tokens_per_s > 0.0)
+    );
+    assert_eq!(rec.record.name, "shout");
+    assert_eq!(rec.record.ranks, [4]);
+    // Its training inputs became its retrieval samples.
+    let detail = st.adapter(&rec.record.id).unwrap();
+    assert!(
+        detail
+            .sample_list
+            .iter()
+            .any(|s| s.text.contains("Shout: red apple")),
+        "{:?}",
+        detail.sample_list
+    );
+    // The same name again is refused rather than overwritten.
+    let e = st
+        .train(req("shout", json!(examples)), "t3", &mut |_| {})
+        .unwrap_err();
+    assert!(e.message.contains("already holds"), "{e:?}");
+}

@@ -191,7 +191,8 @@ fn request(method: &str, url: &str, body: Option<&Value>) -> Result<Value> {
     let v: Value = serde_json::from_str(&text)
         .map_err(|e| format!("{method} {url}: HTTP {status}, not JSON ({e}): {text}"))?;
     let value = v.get("value").cloned().unwrap_or(Value::Null);
-    if status >= 400 || value.get("error").is_some() {
+    // W3C WebDriver reports errors with an HTTP error status (and `value.error`).
+    if status >= 400 {
         return Err(format!("{method} {url}: HTTP {status}: {value}"));
     }
     Ok(value)
@@ -223,6 +224,15 @@ impl Session {
         self.call(
             "POST",
             "/execute/sync",
+            Some(json!({"script": script, "args": args})),
+        )
+    }
+
+    /// Runs `script`, which must call `arguments[arguments.length - 1](value)` when done.
+    pub fn execute_async(&self, script: &str, args: Vec<Value>) -> Result<Value> {
+        self.call(
+            "POST",
+            "/execute/async",
             Some(json!({"script": script, "args": args})),
         )
     }

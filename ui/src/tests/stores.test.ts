@@ -173,3 +173,21 @@ describe('first run model choice', () => {
     expect(c.error?.code).toBe('invalid');
   });
 });
+
+describe('app store', () => {
+  it('reads settings only once a base model is set up', async () => {
+    const { AppStore } = await import('../lib/stores/app.svelte');
+    const { api } = await import('../lib/api');
+    fake = createFakeBackend({ ready: false, loadMs: 0 });
+    setTransport(fake.invoke, fake.channel);
+    const a = new AppStore();
+    await a.refresh();
+    expect(a.status?.ready).toBe(false);
+    expect(fake.calls.map((c) => c.cmd)).not.toContain('settings_get');
+    expect(a.settings).toBeNull();
+    await api.setupModels({ base_path: '/m/smollm2.gguf', embedder_path: '/m/minilm', base_id: null });
+    await a.refresh();
+    expect(fake.calls.map((c) => c.cmd)).toContain('settings_get');
+    expect(a.settings).not.toBeNull();
+  });
+});

@@ -4,7 +4,7 @@ import { errors } from './errors.svelte';
 
 export type Screen = 'chat' | 'discover' | 'library' | 'settings';
 
-class AppStore {
+export class AppStore {
   status = $state<AppStatus | null>(null);
   settings = $state<AppSettings | null>(null);
   screen = $state<Screen>('chat');
@@ -16,6 +16,8 @@ class AppStore {
     try {
       this.status = await api.appStatus();
       this.failed = false;
+      // Settings live in the data folder: there are none to read before the first-run setup.
+      if (this.status.ready && !this.settings) await this.loadSettings();
       if (this.status.engine === 'loading') this.#schedule();
       return this.status;
     } catch (e) {

@@ -159,10 +159,10 @@ export class TrainStore {
     source: 'inline',
     examplesPath: '',
     examplesText: '',
-    steps: 200,
+    steps: 60,
     rank: 8,
     alpha: 16,
-    lr: 0.0002,
+    lr: 0.001,
     batch: 4,
     template: 'chat',
   });
