@@ -664,6 +664,24 @@ mod tests {
     }
 
     #[test]
+    fn pinned_gates_share_the_rest_and_sum_to_one() {
+        let pin = |id: &str, gate| Pin {
+            id: id.into(),
+            gate,
+        };
+        let g = pinned_gates(&[pin("a", Some(0.5)), pin("b", None), pin("c", None)]).unwrap();
+        assert_eq!(
+            g,
+            [("a".into(), 0.5), ("b".into(), 0.25), ("c".into(), 0.25)]
+        );
+        // Given gates over 1 leave nothing for the open ones, then are scaled to sum 1.
+        let g = pinned_gates(&[pin("a", Some(0.8)), pin("b", Some(0.8)), pin("c", None)]).unwrap();
+        assert_eq!(g.iter().map(|x| x.1).collect::<Vec<_>>(), [0.5, 0.5, 0.0]);
+        assert!(pinned_gates(&[pin("a", Some(-1.0))]).is_err());
+        assert!(pinned_gates(&[pin("a", Some(0.0))]).is_err());
+    }
+
+    #[test]
     fn history_drops_oldest_first_and_keeps_the_system_prompt() {
         let h = msgs(&[
             ("system", 10),
