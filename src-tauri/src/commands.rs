@@ -186,7 +186,7 @@ pub async fn chat_send(
     state: St<'_>,
     request: SendRequest,
     on_event: Channel<ChatEvent>,
-) -> ApiResult<ChatReplyDto> {
+) -> ApiResult<ramole_core::chat::ChatReply> {
     blocking(&state, move |s| {
         s.send(request, &mut |e| {
             let _ = on_event.send(e);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use ramole_core::catalog::{AdapterRecord, Provenance, Sample};
 use ramole_core::chat::{ChatAction, ChatReply, PlanChoice};
-use ramole_core::model::{FinishReason, GenerateParams, Sampling};
+use ramole_core::model::{GenerateParams, Sampling};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, ApiResult};
@@ -255,33 +255,8 @@ pub enum ChatEvent {
         delta: String,
     },
     Done {
-        reply: ChatReplyDto,
+        reply: ChatReply,
     },
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ChatReplyDto {
-    pub session: i64,
-    pub user_message: Option<i64>,
-    pub message: Option<i64>,
-    pub reply: String,
-    pub finish_reason: FinishReason,
-    pub provenance: Provenance,
-    pub dropped_messages: usize,
-}
-
-impl From<ChatReply> for ChatReplyDto {
-    fn from(r: ChatReply) -> Self {
-        Self {
-            session: r.session,
-            user_message: r.user_message,
-            message: r.message,
-            reply: r.reply,
-            finish_reason: r.finish_reason,
-            provenance: r.provenance,
-            dropped_messages: r.dropped_messages,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

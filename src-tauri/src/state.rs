@@ -693,7 +693,7 @@ impl AppState {
         &self,
         req: SendRequest,
         emit: &mut dyn FnMut(ChatEvent),
-    ) -> ApiResult<ChatReplyDto> {
+    ) -> ApiResult<chat::ChatReply> {
         let core = req.to_core()?;
         let engine = self.engine()?;
         let mut turn = self.with_lib(|lib| Ok(chat::begin(lib, &engine, &core)?))?;
@@ -710,9 +710,7 @@ impl AppState {
                 delta: t.to_string(),
             })
         })?;
-        let reply: ChatReplyDto = self
-            .with_lib(|lib| Ok(chat::finish(lib, turn, generation)?))?
-            .into();
+        let reply = self.with_lib(|lib| Ok(chat::finish(lib, turn, generation)?))?;
         emit(ChatEvent::Done {
             reply: reply.clone(),
         });
@@ -722,8 +720,7 @@ impl AppState {
     // ---- settings ----------------------------------------------------------------------------
 
     pub fn settings(&self) -> ApiResult<AppSettings> {
-        let token_set = self.tokens.get().is_some();
-        let token_store = self.tokens.describe();
+        let (token_set, token_store) = self.tokens.status();
         self.with_lib(|lib| {
             let s = lib.settings();
             Ok(AppSettings {

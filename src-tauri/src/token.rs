@@ -36,14 +36,16 @@ impl TokenStore {
         self.entry().ok()?.get_password().ok()
     }
 
-    /// Where tokens are kept, or why they cannot be.
-    pub fn describe(&self) -> String {
+    /// Whether a token is stored, and where tokens are kept (or why they cannot be): one
+    /// keyring read, as each may start a D-Bus session.
+    pub fn status(&self) -> (bool, String) {
         match self.entry().and_then(|e| match e.get_password() {
-            Ok(_) | Err(keyring::Error::NoEntry) => Ok(()),
+            Ok(_) => Ok(true),
+            Err(keyring::Error::NoEntry) => Ok(false),
             Err(err) => Err(unavailable(&err)),
         }) {
-            Ok(()) => "system keyring".into(),
-            Err(e) => e.message,
+            Ok(set) => (set, "system keyring".into()),
+            Err(e) => (false, e.message),
         }
     }
 

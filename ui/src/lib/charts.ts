@@ -21,3 +21,12 @@ export function cssVar(name: string, fallback: string): string {
   const v = getComputedStyle(document.documentElement).getPropertyValue(name).trim();
   return v || fallback;
 }
+
+/** The theme's chart colours: series (accent), grid lines and tick labels. */
+export function chartPalette(): { accent: string; grid: string; text: string } {
+  return {
+    accent: cssVar('--accent', '#3b5bdb'),
+    grid: cssVar('--border', '#ddd'),
+    text: cssVar('--muted', '#666'),
+  };
+}
