@@ -595,7 +595,10 @@ fn fit_tensors(
 }
 
 /// Within each head, interleaves the two halves of the rows (`[out, r]`, `out = heads * hd`).
-fn permute_rows_for_interleaved_rope(b: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+pub(crate) fn permute_rows_for_interleaved_rope(
+    b: &Tensor,
+    heads: usize,
+) -> candle_core::Result<Tensor> {
     let (out, r) = b.dims2()?;
     b.reshape((heads, 2, out / heads / 2, r))?
         .transpose(1, 2)?

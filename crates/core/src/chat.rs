@@ -52,7 +52,7 @@ impl std::str::FromStr for PlanChoice {
         } else {
             s.parse().map(PlanChoice::Plan).map_err(|_| {
                 MoleError::Plan(format!(
-                    "unknown plan {s:?} (auto, selection, mixture, fusion, none)"
+                    "unknown plan {s:?} (auto, selection, mixture, fusion, router, none)"
                 ))
             })
         }
@@ -225,14 +225,20 @@ impl Routing {
         }
         let gating = gating.unwrap_or(settings.gating);
         let asked = match plan {
+            PlanChoice::Auto if lib.has_router() => Plan::Router,
             PlanChoice::Auto => Plan::Mixture,
             PlanChoice::Plan(p) => p,
         };
+        if asked == Plan::Router && !lib.has_router() {
+            return Err(no_router(lib));
+        }
         let text = text.trim();
         let (k_used, retrieved) = match asked {
             Plan::None => (0, Vec::new()),
             Plan::Selection => (1, lib.retrieve(text, 1, exclude, gating)?),
-            Plan::Mixture | Plan::Fusion => (k, lib.retrieve(text, k, exclude, gating)?),
+            Plan::Mixture | Plan::Fusion | Plan::Router => {
+                (k, lib.retrieve(text, k, exclude, gating)?)
+            }
         };
         let served: Vec<ServedAdapter> = retrieved
             .iter()
@@ -277,6 +283,9 @@ impl Routing {
         } else {
             Plan::Mixture
         });
+        if plan == Plan::Router && !lib.has_router() {
+            return Err(no_router(lib));
+        }
         crate::mole::check_gates(&adapters.iter().map(|a| a.1).collect::<Vec<_>>())?;
         let mut served = Vec::with_capacity(adapters.len());
         for (i, (id, gate)) in adapters.iter().enumerate() {
@@ -338,7 +347,9 @@ impl Routing {
             embedder: retrieved.then(|| lib.embedder_id().to_string()),
             scoring: retrieved.then(|| lib.settings().retrieval.scoring.as_str().to_string()),
             gating: (self.asked != Plan::None).then(|| {
-                if self.given {
+                if self.asked == Plan::Router {
+                    "router".to_string()
+                } else if self.given {
                     "given".to_string()
                 } else if self.asked == Plan::Selection {
                     "selection".to_string()
@@ -355,6 +366,28 @@ impl Routing {
             layer_gates: None,
         }
     }
+}
+
+/// The error of a `router` plan without a router for the active base.
+fn no_router(lib: &Library) -> ChatError {
+    ChatError::Invalid(format!(
+        "plan router needs a trained router for the active base {:?}: train one with `ramole router train` and install it with `ramole router add`",
+        lib.settings().base_id
+    ))
+}
+
+/// Puts a router reply's gates into its provenance: each adapter's mean gate (the bars) and
+/// the per-layer, per-token summary (the heatmap).
+pub fn record_router_gates(provenance: &mut Provenance, generation: &Generation) {
+    let Some(trace) = &generation.gates else {
+        return;
+    };
+    let mean = trace.mean();
+    for (a, g) in provenance.adapters.iter_mut().zip(&mean) {
+        a.gate = *g;
+    }
+    let ids: Vec<String> = provenance.adapters.iter().map(|a| a.id.clone()).collect();
+    provenance.layer_gates = serde_json::to_value(trace.summary(&ids)).ok();
 }
 
 /// Sampling settings, seed, token counts and finish reason of a reply: enough to replay it.
@@ -601,6 +634,7 @@ pub fn begin(lib: &Library, engine: &Engine, req: &ChatRequest) -> Result<Turn> 
 pub fn finish(lib: &mut Library, turn: Turn, generation: Generation) -> Result<ChatReply> {
     let mut provenance = turn.provenance;
     provenance.generation = generation_record(&turn.params, &generation, turn.dropped);
+    record_router_gates(&mut provenance, &generation);
     let (session, user_message, message) = if turn.store {
         let chat = match &turn.session {
             Some(s) => TurnChat::Existing(s.id),

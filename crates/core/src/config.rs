@@ -241,9 +241,11 @@ impl Default for ChatDefaults {
 impl ChatDefaults {
     /// Every field within its range, named when it is not.
     pub fn check(&self) -> Result<(), String> {
-        if !["auto", "selection", "mixture", "fusion", "none"].contains(&self.plan.as_str()) {
+        if !["auto", "selection", "mixture", "fusion", "router", "none"]
+            .contains(&self.plan.as_str())
+        {
             return Err(format!(
-                "plan {:?} is not one of auto, selection, mixture, fusion, none",
+                "plan {:?} is not one of auto, selection, mixture, fusion, router, none",
                 self.plan
             ));
         }

@@ -27,6 +27,7 @@ use crate::model::{
     RowInput, SeqCache, Timings, check_request,
 };
 use crate::mole::{CompiledMix, MixDelta, MoleError, Plan, Precision, Strategy};
+use crate::router::{GateTrace, RoutedRow, RouterDelta, RouterLora};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
@@ -199,6 +200,8 @@ struct Pending {
 struct Shared {
     stats: Mutex<EngineStats>,
     loaded: Mutex<Vec<Loaded>>,
+    /// The RouterLoRA `router` plans use (requests submitted later see a change).
+    router: Mutex<Option<Arc<RouterLora>>>,
 }
 
 pub struct Engine {
@@ -226,6 +229,7 @@ impl Engine {
         let shared = Arc::new(Shared {
             stats: Mutex::new(EngineStats::default()),
             loaded: Mutex::new(Vec::new()),
+            router: Mutex::new(None),
         });
         let loader = Loader {
             model: model.clone(),
@@ -280,6 +284,16 @@ impl Engine {
         };
     }
 
+    /// Sets the RouterLoRA of `router` plans (checked against the model when it was loaded);
+    /// running requests keep the one they started with.
+    pub fn set_router(&self, router: Option<Arc<RouterLora>>) {
+        *self.shared.router.lock().expect("router") = router;
+    }
+
+    pub fn router(&self) -> Option<Arc<RouterLora>> {
+        self.shared.router.lock().expect("router").clone()
+    }
+
     fn prepare(&self, job: Job, sink: Sink) -> Result<(Box<Pending>, JobHandle), EngineError> {
         check_request(&self.model, &job.prompt, &job.params)?;
         crate::mole::check_gates(&job.mix.adapters.iter().map(|a| a.gate).collect::<Vec<_>>())?;
@@ -288,6 +302,11 @@ impl Engine {
                 "plan {} needs at least one adapter",
                 job.mix.plan
             )));
+        }
+        if job.mix.plan == Plan::Router && self.router().is_none() {
+            return Err(EngineError::Invalid(
+                "plan router needs a RouterLoRA for this base; none is loaded".into(),
+            ));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = Arc::new(AtomicBool::new(false));
@@ -354,6 +373,8 @@ impl Drop for Engine {
 struct LoadJob {
     id: u64,
     mix: MixRequest,
+    /// The router of a `router` plan.
+    router: Option<Arc<RouterLora>>,
     /// Adapters already resident, by id.
     resident: Vec<(String, Arc<LoraAdapter>)>,
 }
@@ -420,7 +441,18 @@ impl Loader {
             };
             parts.push((adapter, u.gate));
         }
-        let mix = CompiledMix::with_precision(job.mix.plan, &parts, self.precision)?;
+        let mix = match (&job.mix.plan, &job.router) {
+            (Plan::Router, Some(router)) => {
+                let adapters: Vec<Arc<LoraAdapter>> = parts.into_iter().map(|(a, _)| a).collect();
+                CompiledMix::routed(&adapters, router)?
+            }
+            (Plan::Router, None) => {
+                return Err(EngineError::Invalid(
+                    "plan router needs a RouterLoRA for this base; none is loaded".into(),
+                ));
+            }
+            _ => CompiledMix::with_precision(job.mix.plan, &parts, self.precision)?,
+        };
         Ok((Arc::new(mix), fresh))
     }
 }
@@ -479,12 +511,18 @@ impl AdapterCache {
 struct MixKey {
     plan: Plan,
     adapters: Vec<(String, u32)>,
+    /// The router a `router` mix was compiled with (its address; 0 for other plans).
+    router: usize,
 }
 
 impl MixKey {
-    fn of(mix: &MixRequest) -> Self {
+    fn of(mix: &MixRequest, router: Option<&Arc<RouterLora>>) -> Self {
         Self {
             plan: mix.plan,
+            router: match (mix.plan, router) {
+                (Plan::Router, Some(r)) => Arc::as_ptr(r) as usize,
+                _ => 0,
+            },
             adapters: mix
                 .adapters
                 .iter()
@@ -506,6 +544,8 @@ struct Row {
     cache: SeqCache,
     decoding: Decoding,
     mix: Option<Arc<CompiledMix>>,
+    /// The router's gates so far (`router` plans).
+    gates: Option<GateTrace>,
     admitted: Instant,
     first_token: Option<Instant>,
     decode_steps: usize,
@@ -591,7 +631,11 @@ impl Worker {
             self.ready.push_back((p, None));
             return;
         }
-        let key = MixKey::of(&p.job.mix);
+        let router = match p.job.mix.plan {
+            Plan::Router => self.shared.router.lock().expect("router").clone(),
+            _ => None,
+        };
+        let key = MixKey::of(&p.job.mix, router.as_ref());
         if let Some(mix) = self.mixes.get(&key).and_then(Weak::upgrade) {
             for a in &p.job.mix.adapters {
                 self.adapters.get(&a.id);
@@ -609,6 +653,7 @@ impl Worker {
         let job = LoadJob {
             id: p.id,
             mix: p.job.mix.clone(),
+            router,
             resident,
         };
         if self.load_tx.send(job).is_err() {
@@ -632,8 +677,9 @@ impl Worker {
                         self.adapters.insert(id, a);
                     }
                     self.mixes.retain(|_, w| w.strong_count() > 0);
+                    let router = mix.route().and_then(|r| r.router());
                     self.mixes
-                        .insert(MixKey::of(&p.job.mix), Arc::downgrade(&mix));
+                        .insert(MixKey::of(&p.job.mix, router), Arc::downgrade(&mix));
                     self.shared.stats.lock().expect("stats").adapters_loaded += n;
                     self.ready.push_back((p, Some(mix)));
                 }
@@ -688,6 +734,7 @@ impl Worker {
             token_ids: Vec::new(),
             finish_reason: FinishReason::Cancelled,
             timings: Timings::default(),
+            gates: None,
         };
         (p.sink)(JobEvent::Done(g));
     }
@@ -719,6 +766,9 @@ impl Worker {
                 next: None,
                 cache: self.model.decoder.new_cache(),
                 decoding,
+                gates: mix.as_ref().and_then(|m| m.route()).map(|r| {
+                    GateTrace::new(self.model.decoder.config().num_layers, r.adapters().len())
+                }),
                 mix: mix.filter(|m| !m.is_empty()),
                 admitted: Instant::now(),
                 first_token: None,
@@ -745,10 +795,47 @@ impl Worker {
             })
             .collect();
         let decode_only = active.iter().all(|&i| pending[i] == 0);
-        let mut delta = MixDelta::new(active.iter().map(|&i| self.rows[i].mix.clone()).collect());
+        let mut delta = MixDelta::new(
+            active
+                .iter()
+                .map(|&i| self.rows[i].mix.clone().filter(|m| m.route().is_none()))
+                .collect(),
+        );
         if let Some(s) = self.cfg.strategy {
             delta = delta.with_strategy(s);
         }
+        // Routed rows, one delta per router (rows keep the router they started with).
+        let mut routers: Vec<Arc<RouterLora>> = Vec::new();
+        for &i in &active {
+            if let Some(r) = self.rows[i].mix.as_ref().and_then(|m| m.route())
+                && let Some(router) = r.router()
+                && !routers.iter().any(|x| Arc::ptr_eq(x, router))
+            {
+                routers.push(router.clone());
+            }
+        }
+        let routed: Vec<RouterDelta<'_>> = routers
+            .iter()
+            .map(|router| {
+                let rows = active
+                    .iter()
+                    .map(|&i| {
+                        let r = self.rows[i].mix.as_ref()?.route()?;
+                        r.router()
+                            .is_some_and(|x| Arc::ptr_eq(x, router))
+                            .then(|| RoutedRow {
+                                mix: r.clone(),
+                                keep: None,
+                            })
+                    })
+                    .collect();
+                RouterDelta::new(router, rows).recording()
+            })
+            .collect();
+        let step_delta = StepDelta {
+            mix: &delta,
+            routed: &routed,
+        };
         let strategy = delta.strategy();
         let t = Instant::now();
         let logits = {
@@ -763,9 +850,26 @@ impl Worker {
             }
             self.model
                 .decoder
-                .forward(&rows, &mut caches, LogitsAt::Last, &delta)?
+                .forward(&rows, &mut caches, LogitsAt::Last, &step_delta)?
                 .to_vec2::<f32>()?
         };
+        for d in &routed {
+            for (k, g) in d.take_gates().iter().enumerate() {
+                if g.sums.is_empty() {
+                    continue;
+                }
+                let i = active[k];
+                let fed = inputs[k].first().copied();
+                let row = &mut self.rows[i];
+                if let Some(trace) = row.gates.as_mut() {
+                    if pending[i] > 0 {
+                        trace.add_prompt(g);
+                    } else if let Some(t) = fed {
+                        trace.push_token(self.model.tokenizer.token_text(t), g);
+                    }
+                }
+            }
+        }
         let elapsed = t.elapsed().as_secs_f64();
         {
             let mut s = self.shared.stats.lock().expect("stats");
@@ -831,9 +935,36 @@ impl Worker {
             row.decode_steps,
             (now - first).as_secs_f64(),
         );
-        let g = row
+        let mut g = row
             .decoding
             .into_generation(row.prompt.len(), reason, timings);
+        g.gates = row.gates.take();
         (row.sink)(JobEvent::Done(g));
+    }
+}
+
+/// A step's LoRA terms: the compiled mixtures' and each router's, summed.
+struct StepDelta<'a> {
+    mix: &'a MixDelta,
+    routed: &'a [RouterDelta<'a>],
+}
+
+impl crate::model::SiteDelta for StepDelta<'_> {
+    fn delta(
+        &self,
+        site: crate::model::Site,
+        x: &candle_core::Tensor,
+        rows: &[crate::model::RowSpan],
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        let mut sum = self.mix.delta(site, x, rows)?;
+        for r in self.routed {
+            if let Some(d) = r.delta(site, x, rows)? {
+                sum = Some(match sum {
+                    Some(s) => (s + d)?,
+                    None => d,
+                });
+            }
+        }
+        Ok(sum)
     }
 }

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod model;
 pub mod mole;
 pub mod retrieve;
+pub mod router;
 pub mod serve;
 pub mod tasks;
 pub mod train;

@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::adapter::{self, AdapterError};
 use crate::catalog::{
@@ -20,6 +21,7 @@ use crate::index::{self, AdapterIndex, IndexError, IndexSpec, RebuildReason};
 use crate::model::{BaseInfo, ModelError, inspect_base};
 use crate::mole::Gating;
 use crate::retrieve::{self, RetrieveError, Retrieved};
+use crate::router::RouterLora;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LibraryError {
@@ -45,6 +47,8 @@ pub enum LibraryError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Router(#[from] crate::router::RouterError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -237,6 +241,89 @@ impl Library {
         }
         let e = Embedder::load(&self.settings.embedder_path)?;
         Ok(self.embedder.get_or_init(|| e))
+    }
+
+    /// Where the RouterLoRA of the active base lives (its config beside it, `.json`): one per
+    /// base id, so switching bases switches routers.
+    pub fn router_path(&self) -> PathBuf {
+        let key: String = self
+            .settings
+            .base_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.dir.join("routers").join(format!("{key}.safetensors"))
+    }
+
+    /// Whether a router for the active base is installed (`auto` then resolves to `router`).
+    pub fn has_router(&self) -> bool {
+        self.router_path().is_file() && RouterLora::json_path(&self.router_path()).is_file()
+    }
+
+    /// The active base's router, checked against the base, or `None` when there is none.
+    pub fn load_router(&self) -> Result<Option<Arc<RouterLora>>> {
+        if !self.has_router() {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(RouterLora::load(
+            &self.router_path(),
+            &self.base.config,
+        )?)))
+    }
+
+    /// Installs the router at `file` (and its `.json`) for the active base: it must load against
+    /// the base's shapes and, unless `force`, name the same base id. Replaces any previous one;
+    /// each file is written atomically.
+    pub fn add_router(&mut self, file: &Path, force: bool) -> Result<crate::router::RouterConfig> {
+        let router = RouterLora::load(file, &self.base.config)?;
+        let cfg = router.config().clone();
+        if !force && cfg.base_model != self.settings.base_id {
+            return Err(LibraryError::Invalid(format!(
+                "{}: the router was trained on {:?}, the active base is {:?} (--force installs it anyway: the shapes fit)",
+                file.display(),
+                cfg.base_model,
+                self.settings.base_id
+            )));
+        }
+        let dst = self.router_path();
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LibraryError::Io { path, source }
+        };
+        std::fs::create_dir_all(dst.parent().expect("under routers/")).map_err(io(&dst))?;
+        let json = RouterLora::json_path(file);
+        let tensors = std::fs::read(file).map_err(io(file))?;
+        let config = std::fs::read(&json).map_err(io(&json))?;
+        // Config first: a crash in between leaves the old tensors under a config that still
+        // loads them only if the shapes agree, which `load_router` checks.
+        crate::files::write_atomic(&RouterLora::json_path(&dst), &config).map_err(io(&dst))?;
+        crate::files::write_atomic(&dst, &tensors).map_err(io(&dst))?;
+        Ok(cfg)
+    }
+
+    /// Removes the active base's router; `false` when there was none.
+    pub fn remove_router(&mut self) -> Result<bool> {
+        let path = self.router_path();
+        if !path.exists() {
+            return Ok(false);
+        }
+        let io = |source| LibraryError::Io {
+            path: path.clone(),
+            source,
+        };
+        std::fs::remove_file(&path).map_err(io)?;
+        let json = RouterLora::json_path(&path);
+        if json.exists() {
+            std::fs::remove_file(&json)
+                .map_err(|source| LibraryError::Io { path: json, source })?;
+        }
+        Ok(true)
     }
 
     /// Where an installed adapter's files live.

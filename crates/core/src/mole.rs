@@ -7,6 +7,9 @@
 //!   `B (A x) = sum_j g_j s_j B_j (A_j x)` exactly, whatever the ranks;
 //! - `fusion`: `A = sum_j g_j A_j`, `B = sum_j g_j s_j B_j` (parameter averaging; equal ranks);
 //! - `selection`: one adapter, `B = g s B_1`.
+//!
+//! `router` rows carry a [`crate::router::RouterMix`] instead: their gates are computed per token
+//! at every site by the RouterLoRA, so there is no fixed pair to compile.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -26,6 +29,7 @@ pub enum Plan {
     Selection,
     Mixture,
     Fusion,
+    Router,
 }
 
 impl Plan {
@@ -35,6 +39,7 @@ impl Plan {
             Plan::Selection => "selection",
             Plan::Mixture => "mixture",
             Plan::Fusion => "fusion",
+            Plan::Router => "router",
         }
     }
 }
@@ -53,9 +58,10 @@ impl FromStr for Plan {
             "selection" => Plan::Selection,
             "mixture" => Plan::Mixture,
             "fusion" => Plan::Fusion,
+            "router" => Plan::Router,
             other => {
                 return Err(MoleError::Plan(format!(
-                    "unknown plan {other:?} (none, selection, mixture, fusion)"
+                    "unknown plan {other:?} (none, selection, mixture, fusion, router)"
                 )));
             }
         })
@@ -70,6 +76,8 @@ pub enum MoleError {
     Gate(String),
     #[error("tensor op: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Router(#[from] crate::router::RouterError),
 }
 
 /// Checks gates given by hand: finite and non-negative (they are used as given).
@@ -372,6 +380,8 @@ pub struct CompiledMix {
     sites: BTreeMap<Site, SitePair>,
     /// The adapters (gate > 0) it was compiled from, for the union form and provenance.
     parts: Vec<(Arc<LoraAdapter>, f32)>,
+    /// `router` plans: the experts the RouterLoRA gates (then `sites` is empty).
+    route: Option<Arc<crate::router::RouterMix>>,
 }
 
 impl CompiledMix {
@@ -390,6 +400,11 @@ impl CompiledMix {
         let gates: Vec<f32> = adapters.iter().map(|(_, g)| *g).collect();
         check_gates(&gates)?;
         match plan {
+            Plan::Router => {
+                return Err(MoleError::Plan(
+                    "router compiles with its RouterLoRA (CompiledMix::routed)".into(),
+                ));
+            }
             Plan::Selection if adapters.len() != 1 => {
                 return Err(MoleError::Plan(format!(
                     "selection uses exactly one adapter, {} given",
@@ -464,6 +479,22 @@ impl CompiledMix {
             plan,
             sites,
             parts: live,
+            route: None,
+        })
+    }
+
+    /// A `router` row over `adapters` (their gates are ignored: the router computes them),
+    /// precomputing `C_i = B_rᵀ s_i B_i` with `router`.
+    pub fn routed(
+        adapters: &[Arc<LoraAdapter>],
+        router: &Arc<crate::router::RouterLora>,
+    ) -> Result<Self, MoleError> {
+        let route = crate::router::RouterMix::new(adapters, Some(router))?;
+        Ok(Self {
+            plan: Plan::Router,
+            sites: BTreeMap::new(),
+            parts: adapters.iter().map(|a| (a.clone(), 1.0)).collect(),
+            route: Some(Arc::new(route)),
         })
     }
 
@@ -472,7 +503,12 @@ impl CompiledMix {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.sites.is_empty()
+        self.sites.is_empty() && self.route.is_none()
+    }
+
+    /// The router's experts (`router` plans only).
+    pub fn route(&self) -> Option<&Arc<crate::router::RouterMix>> {
+        self.route.as_ref()
     }
 
     /// The adapters it applies, with their gates.
@@ -482,7 +518,8 @@ impl CompiledMix {
 
     /// Bytes a decode step reads from it.
     pub fn bytes(&self) -> usize {
-        self.sites.values().map(SitePair::bytes).sum()
+        self.sites.values().map(SitePair::bytes).sum::<usize>()
+            + self.route.as_ref().map_or(0, |r| r.bytes())
     }
 
     /// Whether the union form may apply its adapters one by one (a sum of gated terms).
@@ -883,7 +920,13 @@ mod tests {
 
     #[test]
     fn plan_names_round_trip() {
-        for p in [Plan::None, Plan::Selection, Plan::Mixture, Plan::Fusion] {
+        for p in [
+            Plan::None,
+            Plan::Selection,
+            Plan::Mixture,
+            Plan::Fusion,
+            Plan::Router,
+        ] {
             assert_eq!(p.as_str().parse::<Plan>().unwrap(), p);
         }
         assert!("router2".parse::<Plan>().is_err());

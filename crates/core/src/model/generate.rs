@@ -62,6 +62,9 @@ pub struct Generation {
     pub token_ids: Vec<u32>,
     pub finish_reason: FinishReason,
     pub timings: Timings,
+    /// The router's gates per layer and token (`router` plans in the engine).
+    #[serde(skip)]
+    pub gates: Option<crate::router::GateTrace>,
 }
 
 /// Turns a growing list of generated ids into text that is safe to show: it holds back an
@@ -252,6 +255,7 @@ impl Decoding {
             token_ids: self.generated,
             finish_reason,
             timings,
+            gates: None,
         }
     }
 }

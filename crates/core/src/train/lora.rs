@@ -191,7 +191,7 @@ pub struct Encoded {
 }
 
 impl Encoded {
-    fn answer_len(&self) -> usize {
+    pub fn answer_len(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
 }
@@ -386,6 +386,60 @@ impl SiteDelta for TrainableLora {
     }
 }
 
+/// The `batch` example indices of update `step` (0-based) over `n` examples: consecutive slots
+/// of a sequence of epochs, each a seeded shuffle of all examples, so the order depends only on
+/// the seed and the step.
+pub fn shuffled_batch(n: usize, batch: usize, seed: u64, step: usize) -> Vec<usize> {
+    let mut out = Vec::with_capacity(batch);
+    let mut perm: Option<(usize, Vec<usize>)> = None;
+    for slot in step * batch..(step + 1) * batch {
+        let epoch = slot / n;
+        if perm.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let mut p: Vec<usize> = (0..n).collect();
+            let seed = seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            p.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+            perm = Some((epoch, p));
+        }
+        out.push(perm.as_ref().expect("set above").1[slot % n]);
+    }
+    out
+}
+
+/// Summed cross-entropy of the answer tokens of `examples` with `delta` at the LoRA sites, run
+/// as one packed pass (row `i` is example `i`). Returns (sum as a scalar tensor, answer tokens).
+pub fn answer_nll(
+    decoder: &Decoder,
+    examples: &[&Encoded],
+    delta: &dyn SiteDelta,
+) -> Result<(Tensor, usize)> {
+    let rows: Vec<RowInput<'_>> = examples
+        .iter()
+        .map(|e| RowInput {
+            tokens: &e.tokens[..e.tokens.len() - 1],
+        })
+        .collect();
+    let mut caches: Vec<_> = examples.iter().map(|_| decoder.new_cache()).collect();
+    let mut refs: Vec<_> = caches.iter_mut().collect();
+    let (hidden, spans) = decoder.forward_hidden(&rows, &mut refs, delta)?;
+    // Logits only where an answer token is predicted: position p predicts token p + 1.
+    let mut at = Vec::new();
+    let mut labels = Vec::new();
+    for (e, span) in examples.iter().zip(&spans) {
+        for p in e.prompt_len - 1..e.tokens.len() - 1 {
+            at.push((span.start + p) as u32);
+            labels.push(e.tokens[p + 1]);
+        }
+    }
+    let n = at.len();
+    let at = Tensor::from_vec(at, n, &Device::Cpu)?;
+    let labels = Tensor::from_vec(labels, n, &Device::Cpu)?;
+    let h = hidden.index_select(&at, 0)?;
+    let logits = decoder.head(&h, &[RowSpan { start: 0, len: n }])?;
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let nll = logp.gather(&labels.unsqueeze(1)?, 1)?.sum_all()?.neg()?;
+    Ok((nll, n))
+}
+
 /// One optimizer update, as reported to the caller.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepReport {
@@ -485,51 +539,13 @@ impl LoraTrainer {
     /// The examples of update `step` (0-based): consecutive slots of a sequence of epochs, each a
     /// seeded shuffle of all examples, so the order depends only on the seed and the step.
     fn batch_of(&self, step: usize) -> Vec<usize> {
-        let n = self.data.len();
-        let mut out = Vec::with_capacity(self.cfg.batch);
-        let mut perm: Option<(usize, Vec<usize>)> = None;
-        for slot in step * self.cfg.batch..(step + 1) * self.cfg.batch {
-            let epoch = slot / n;
-            if perm.as_ref().is_none_or(|(e, _)| *e != epoch) {
-                let mut p: Vec<usize> = (0..n).collect();
-                let seed = self.cfg.seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                p.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
-                perm = Some((epoch, p));
-            }
-            out.push(perm.as_ref().expect("set above").1[slot % n]);
-        }
-        out
+        shuffled_batch(self.data.len(), self.cfg.batch, self.cfg.seed, step)
     }
 
     /// Summed cross-entropy of the answer tokens of `examples`, run as one packed pass.
     /// Returns (sum, answer tokens).
     fn pass_loss(&self, examples: &[&Encoded]) -> Result<(Tensor, usize)> {
-        let rows: Vec<RowInput<'_>> = examples
-            .iter()
-            .map(|e| RowInput {
-                tokens: &e.tokens[..e.tokens.len() - 1],
-            })
-            .collect();
-        let mut caches: Vec<_> = examples.iter().map(|_| self.decoder.new_cache()).collect();
-        let mut refs: Vec<_> = caches.iter_mut().collect();
-        let (hidden, spans) = self.decoder.forward_hidden(&rows, &mut refs, &self.lora)?;
-        // Logits only where an answer token is predicted: position p predicts token p + 1.
-        let mut at = Vec::new();
-        let mut labels = Vec::new();
-        for (e, span) in examples.iter().zip(&spans) {
-            for p in e.prompt_len - 1..e.tokens.len() - 1 {
-                at.push((span.start + p) as u32);
-                labels.push(e.tokens[p + 1]);
-            }
-        }
-        let n = at.len();
-        let at = Tensor::from_vec(at, n, &Device::Cpu)?;
-        let labels = Tensor::from_vec(labels, n, &Device::Cpu)?;
-        let h = hidden.index_select(&at, 0)?;
-        let logits = self.decoder.head(&h, &[RowSpan { start: 0, len: n }])?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let nll = logp.gather(&labels.unsqueeze(1)?, 1)?.sum_all()?.neg()?;
-        Ok((nll, n))
+        answer_nll(&self.decoder, examples, &self.lora)
     }
 
     /// Packs `ids` into passes of at most `pass_tokens` tokens (one example at least).

@@ -1,8 +1,10 @@
-//! Training with candle's autograd on the CPU: LoRA adapters from examples ([`lora`]), and the
-//! pieces every training loop here shares: the examples file, the AdamW optimizer whose state
-//! can be checkpointed, and the typed errors.
+//! Training with candle's autograd on the CPU: LoRA adapters from examples ([`lora`]),
+//! RouterLoRAs over frozen adapters ([`router`]), and the pieces every training loop here
+//! shares: the examples file, the AdamW optimizer whose state can be checkpointed, and the typed
+//! errors.
 
 pub mod lora;
+pub mod router;
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,310 @@
+//! Training a RouterLoRA (ramole-paper.md 2.4): only the router's `A_r`, `B_r` learn; the base,
+//! the expert adapters and the retriever stay frozen. Each example is answered by its candidate
+//! adapters (top-k retrieved, its own task's included), with Random LoRA Dropout hiding some of
+//! them per example and step so the router cannot just lock onto the ideal adapter. Loss: the
+//! answer tokens' cross-entropy, as when training an adapter.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{Tensor, Var};
+use rand::SeedableRng;
+use serde::Serialize;
+
+use super::lora::{Encoded, answer_nll, shuffled_batch};
+use super::{AdamW, Result, StepReport, TrainError, clip_grad_norm};
+use crate::adapter::LoraAdapter;
+use crate::model::{Decoder, SiteKind};
+use crate::router::{RoutedRow, RouterDelta, RouterLora, RouterMix, RouterSite, dropout_keep};
+
+/// Settings of a router training run.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct RouterTrainConfig {
+    /// Router rank `r_r`.
+    pub rank: usize,
+    pub steps: usize,
+    /// Examples per update.
+    pub batch: usize,
+    pub lr: f64,
+    /// Probability of hiding each candidate adapter (at least 2 stay).
+    pub dropout: f64,
+    pub seed: u64,
+    pub max_grad_norm: f64,
+    /// Projections the router attaches to (the adapters' union when empty).
+    pub targets: Vec<SiteKind>,
+}
+
+impl Default for RouterTrainConfig {
+    fn default() -> Self {
+        Self {
+            rank: 8,
+            steps: 100,
+            batch: 4,
+            lr: 1e-3,
+            dropout: 0.5,
+            seed: 0,
+            max_grad_norm: 1.0,
+            targets: Vec::new(),
+        }
+    }
+}
+
+impl RouterTrainConfig {
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Invalid(m));
+        if !(1..=crate::router::MAX_RANK).contains(&self.rank) {
+            return bad(format!(
+                "rank {}: must be 1 to {}",
+                self.rank,
+                crate::router::MAX_RANK
+            ));
+        }
+        if self.steps == 0 || self.steps > 1_000_000 {
+            return bad(format!("steps {}: must be 1 to 1000000", self.steps));
+        }
+        if !(1..=256).contains(&self.batch) {
+            return bad(format!("batch {}: must be 1 to 256", self.batch));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 1.0) {
+            return bad(format!("lr {}: must be in (0, 1]", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!("dropout {}: must be in [0, 1)", self.dropout));
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm > 0.0) {
+            return bad(format!(
+                "max_grad_norm {}: must be positive",
+                self.max_grad_norm
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One training example: its tokens and the adapters (indices into the trainer's list) that
+/// answer it.
+#[derive(Debug, Clone)]
+pub struct RouterExample {
+    pub encoded: Encoded,
+    pub candidates: Vec<usize>,
+}
+
+/// A router training run, one update at a time.
+pub struct RouterTrainer {
+    decoder: Decoder,
+    router: RouterLora,
+    vars: Vec<Var>,
+    opt: AdamW,
+    adapters: Vec<Arc<LoraAdapter>>,
+    mixes: HashMap<Vec<usize>, Arc<RouterMix>>,
+    data: Vec<RouterExample>,
+    cfg: RouterTrainConfig,
+    losses: Vec<f64>,
+}
+
+impl RouterTrainer {
+    /// `base` may be quantized (training runs on its dequantized copy); `adapters` are the
+    /// experts, loaded against it; `base_id` names the base in the router's config.
+    pub fn new(
+        base: &Decoder,
+        base_id: &str,
+        adapters: Vec<Arc<LoraAdapter>>,
+        data: Vec<RouterExample>,
+        cfg: RouterTrainConfig,
+    ) -> Result<Self> {
+        cfg.check()?;
+        if data.is_empty() {
+            return Err(TrainError::Invalid("no examples to train on".into()));
+        }
+        if adapters.is_empty() {
+            return Err(TrainError::Invalid("no adapters to route between".into()));
+        }
+        for (i, ex) in data.iter().enumerate() {
+            if ex.candidates.is_empty() {
+                return Err(TrainError::Invalid(format!("example {i} has no candidate")));
+            }
+            if let Some(&c) = ex.candidates.iter().find(|&&c| c >= adapters.len()) {
+                return Err(TrainError::Invalid(format!(
+                    "example {i} names adapter {c}, but there are {}",
+                    adapters.len()
+                )));
+            }
+        }
+        let decoder = base.dequantized()?;
+        let mut targets = cfg.targets.clone();
+        if targets.is_empty() {
+            for a in &adapters {
+                for (site, _) in a.sites() {
+                    if !targets.contains(&site.kind) {
+                        targets.push(site.kind);
+                    }
+                }
+            }
+            targets.sort();
+        }
+        let init = RouterLora::init(decoder.config(), base_id, &targets, cfg.rank, cfg.seed)
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let mut vars = Vec::new();
+        let mut sites = std::collections::BTreeMap::new();
+        for (site, s) in init.sites() {
+            let a = Var::from_tensor(&s.a)?;
+            let b = Var::from_tensor(&s.b)?;
+            sites.insert(
+                *site,
+                RouterSite {
+                    a: a.as_tensor().clone(),
+                    b: b.as_tensor().clone(),
+                },
+            );
+            vars.push(a);
+            vars.push(b);
+        }
+        let router = RouterLora::from_sites(init.config().clone(), sites)
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let opt = AdamW::new(&vars, cfg.lr, 0.0)?;
+        Ok(Self {
+            decoder,
+            router,
+            vars,
+            opt,
+            adapters,
+            mixes: HashMap::new(),
+            data,
+            cfg,
+            losses: Vec::new(),
+        })
+    }
+
+    pub fn router(&self) -> &RouterLora {
+        &self.router
+    }
+
+    pub fn router_mut(&mut self) -> &mut RouterLora {
+        &mut self.router
+    }
+
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    pub fn step(&self) -> usize {
+        self.opt.step
+    }
+
+    pub fn losses(&self) -> &[f64] {
+        &self.losses
+    }
+
+    fn mix(&mut self, candidates: &[usize]) -> Result<Arc<RouterMix>> {
+        if let Some(m) = self.mixes.get(candidates) {
+            return Ok(m.clone());
+        }
+        let adapters: Vec<Arc<LoraAdapter>> = candidates
+            .iter()
+            .map(|&c| self.adapters[c].clone())
+            .collect();
+        // No router here: `C_i` follows `B_r` as it trains, so the delta computes it per call.
+        let mix = Arc::new(
+            RouterMix::new(&adapters, None).map_err(|e| TrainError::Invalid(e.to_string()))?,
+        );
+        self.mixes.insert(candidates.to_vec(), mix.clone());
+        Ok(mix)
+    }
+
+    /// Summed answer cross-entropy of `examples` (one packed pass), each routed over its
+    /// candidates with `keep` from dropout (`None`: all kept). Returns (sum, answer tokens).
+    fn pass_loss(
+        &mut self,
+        examples: &[&RouterExample],
+        keep: &[Option<Vec<bool>>],
+    ) -> Result<(Tensor, usize)> {
+        let mut rows = Vec::with_capacity(examples.len());
+        for (e, k) in examples.iter().zip(keep) {
+            rows.push(Some(RoutedRow {
+                mix: self.mix(&e.candidates)?,
+                keep: k.clone(),
+            }));
+        }
+        let delta = RouterDelta::new(&self.router, rows);
+        let encoded: Vec<&Encoded> = examples.iter().map(|e| &e.encoded).collect();
+        answer_nll(&self.decoder, &encoded, &delta)
+    }
+
+    /// One optimizer update over the next batch; dropout draws depend only on the seed and the
+    /// step.
+    pub fn train_step(&mut self) -> Result<StepReport> {
+        let started = Instant::now();
+        let step = self.opt.step;
+        let ids = shuffled_batch(self.data.len(), self.cfg.batch, self.cfg.seed, step);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(
+            self.cfg.seed ^ 0x5EED_D809 ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        let examples: Vec<RouterExample> = ids.iter().map(|&i| self.data[i].clone()).collect();
+        let keep: Vec<Option<Vec<bool>>> = examples
+            .iter()
+            .map(|e| {
+                (self.cfg.dropout > 0.0)
+                    .then(|| dropout_keep(e.candidates.len(), self.cfg.dropout, &mut rng))
+            })
+            .collect();
+        let answer_tokens: usize = examples.iter().map(|e| e.encoded.answer_len()).sum();
+        let tokens: usize = examples.iter().map(|e| e.encoded.tokens.len()).sum();
+        // Two examples per pass keeps the activations of a backward pass small.
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        let mut loss_sum = 0f64;
+        for (chunk, keep) in examples.chunks(2).zip(keep.chunks(2)) {
+            let refs: Vec<&RouterExample> = chunk.iter().collect();
+            let (nll, _) = self.pass_loss(&refs, keep)?;
+            loss_sum += nll.to_scalar::<f32>()? as f64;
+            let store = (nll / answer_tokens as f64)?.backward()?;
+            for (g, var) in grads.iter_mut().zip(&self.vars) {
+                if let Some(d) = store.get(var.as_tensor()) {
+                    *g = Some(match g.take() {
+                        Some(acc) => (acc + d)?,
+                        None => d.clone(),
+                    });
+                }
+            }
+        }
+        let mut grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&self.vars)
+            .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?;
+        let loss = loss_sum / answer_tokens.max(1) as f64;
+        if !loss.is_finite() {
+            return Err(TrainError::Invalid(format!(
+                "the loss became {loss} at step {}; try a lower learning rate than {}",
+                step + 1,
+                self.cfg.lr
+            )));
+        }
+        let grad_norm = clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?;
+        self.opt.update(&self.vars, &grads, self.cfg.lr)?;
+        self.losses.push(loss);
+        Ok(StepReport {
+            step: step + 1,
+            steps: self.cfg.steps,
+            loss,
+            lr: self.cfg.lr,
+            grad_norm,
+            tokens,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Mean answer cross-entropy of `examples` routed over all their candidates (no dropout,
+    /// no update).
+    pub fn eval_loss(&mut self, examples: &[RouterExample]) -> Result<f64> {
+        let (mut sum, mut n) = (0f64, 0usize);
+        for chunk in examples.chunks(4) {
+            let refs: Vec<&RouterExample> = chunk.iter().collect();
+            let keep = vec![None; refs.len()];
+            let (nll, k) = self.pass_loss(&refs, &keep)?;
+            sum += nll.detach().to_scalar::<f32>()? as f64;
+            n += k;
+        }
+        Ok(sum / n.max(1) as f64)
+    }
+}
