@@ -66,9 +66,10 @@ fn library_code(e: &LibraryError) -> &'static str {
         LibraryError::Catalog(c) => catalog_code(c),
         LibraryError::Hub(h) => hub_code(h),
         LibraryError::Settings(SettingsError::Missing { .. }) => "not_ready",
-        LibraryError::Settings(_) | LibraryError::Invalid(_) | LibraryError::Adapter(_) => {
-            "invalid"
-        }
+        LibraryError::Settings(_)
+        | LibraryError::Invalid(_)
+        | LibraryError::Adapter(_)
+        | LibraryError::Router(_) => "invalid",
         LibraryError::Model(_) | LibraryError::Embed(_) => "model",
         LibraryError::Io { .. } | LibraryError::Index(_) => "io",
         LibraryError::Retrieve(_) => "internal",

@@ -149,10 +149,16 @@ impl AppState {
         *self.engine_slot() = EngineSlot::Loading;
         std::thread::spawn(move || {
             let slot = match Model::load(&base, &LoadOptions::default()) {
-                Ok(model) => EngineSlot::Ready(Arc::new(Engine::start(
-                    Arc::new(model),
-                    EngineConfig::default(),
-                ))),
+                Ok(model) => {
+                    let engine = Engine::start(Arc::new(model), EngineConfig::default());
+                    // A router that does not load leaves the other plans working; `router`
+                    // then answers that there is none.
+                    match self.with_lib(|l| Ok(l.load_router()?)) {
+                        Ok(router) => engine.set_router(router),
+                        Err(e) => eprintln!("router not loaded: {}", e.message),
+                    }
+                    EngineSlot::Ready(Arc::new(engine))
+                }
                 Err(e) => EngineSlot::Failed(format!("loading {}: {e}", base.display())),
             };
             *self.engine_slot() = slot;

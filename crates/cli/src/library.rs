@@ -136,7 +136,7 @@ pub(crate) struct ChatArgs {
     text: String,
     #[arg(short, long)]
     k: Option<usize>,
-    /// auto | selection | mixture | fusion | none.
+    /// auto | selection | mixture | fusion | router | none (auto: router when the base has one, else mixture).
     #[arg(long, default_value = "auto")]
     plan: String,
     /// uniform | softmax | softmax:<temperature> (default: settings).
@@ -426,6 +426,7 @@ pub(crate) fn run_chat(a: ChatArgs) -> Result<()> {
     let model = Model::load(&base, &LoadOptions::default())
         .with_context(|| format!("loading {}", base.display()))?;
     let engine = Engine::start(std::sync::Arc::new(model), EngineConfig::default());
+    engine.set_router(lib.load_router()?);
     let req = ChatRequest {
         session: a.session,
         text: a.text.clone(),
@@ -501,6 +502,7 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
             ..EngineConfig::default()
         },
     );
+    engine.set_router(lib.load_router()?);
     let state = std::sync::Arc::new(ServeState::new(std::sync::Arc::new(engine), lib));
     let addr = std::net::SocketAddr::new(a.host, a.port);
     if !serve::is_loopback(&addr) {

@@ -6,6 +6,7 @@ mod bench;
 mod hub;
 mod library;
 mod retrieval_bench;
+mod router;
 mod tasks_eval;
 mod train;
 
@@ -61,6 +62,9 @@ enum Command {
     /// Stored chat sessions and the provenance of their replies.
     #[command(subcommand)]
     Session(library::SessionCommand),
+    /// The RouterLoRA of the active base: train, add, show, remove.
+    #[command(subcommand)]
+    Router(router::RouterCommand),
     /// Evaluations on the paper's benchmark data.
     #[command(subcommand)]
     Eval(library::EvalCommand),
@@ -246,6 +250,7 @@ fn main() -> ExitCode {
         Command::Chat(a) => library::run_chat(a),
         Command::Serve(a) => library::run_serve(a),
         Command::Session(c) => library::run_session(c),
+        Command::Router(c) => router::run_router(c),
         Command::Eval(c) => library::run_eval(c),
         Command::Bench(b) => bench::run(b),
     };

@@ -14,6 +14,7 @@ use ramole_core::engine::{Engine, EngineConfig};
 use ramole_core::index::Scoring;
 use ramole_core::model::{LoadOptions, Model};
 use ramole_core::retrieve::{RetrievalEval, TaskProfile, TestInput};
+use ramole_core::router::RouterLora;
 use ramole_core::tasks::{self, EvalPlan, TaskEvalConfig};
 use serde_json::json;
 
@@ -28,9 +29,12 @@ pub(crate) struct EvalTasksArgs {
     /// Folder with one adapter folder per task, named after the task.
     #[arg(long)]
     adapters: PathBuf,
-    /// perfect | selection | mixture | fusion | none.
+    /// perfect | selection | mixture | fusion | router | none.
     #[arg(long)]
     plan: String,
+    /// The RouterLoRA of plan router (.safetensors; default: the library's for the base).
+    #[arg(long)]
+    router: Option<PathBuf>,
     /// Mask each input's own adapter (the paper's k+1 rule).
     #[arg(long)]
     ood: bool,
@@ -87,6 +91,20 @@ pub(crate) fn run_eval_tasks(a: EvalTasksArgs) -> Result<()> {
     drop(embedder);
     let model = Model::load(&base, &LoadOptions::default())
         .with_context(|| format!("loading {}", base.display()))?;
+    let router = match (&a.router, plan) {
+        (Some(p), _) => Some(Arc::new(
+            RouterLora::load(p, model.decoder.config())
+                .with_context(|| format!("loading the router {}", p.display()))?,
+        )),
+        (None, EvalPlan::Router) => {
+            let lib = crate::library::open()
+                .context("plan router needs --router or a library with a router")?;
+            Some(lib.load_router()?.context(
+                "plan router: the library has no router for its base; pass --router FILE",
+            )?)
+        }
+        (None, _) => None,
+    };
     let engine = Engine::start(
         Arc::new(model),
         EngineConfig {
@@ -94,6 +112,7 @@ pub(crate) fn run_eval_tasks(a: EvalTasksArgs) -> Result<()> {
             ..EngineConfig::default()
         },
     );
+    engine.set_router(router);
     let cfg = TaskEvalConfig {
         plan,
         k: a.k,
@@ -126,7 +145,8 @@ pub(crate) fn run_eval_tasks(a: EvalTasksArgs) -> Result<()> {
     }
     let full = json!({"report": report, "predictions": preds,
                       "base": base, "embedder": embedder_dir, "adapters": a.adapters,
-                      "limit_per_task": a.limit_per_task, "scoring": scoring.as_str()});
+                      "limit_per_task": a.limit_per_task, "scoring": scoring.as_str(),
+                      "router": a.router});
     if let Some(out) = &a.out {
         ramole_core::files::write_atomic(out, serde_json::to_string_pretty(&full)?.as_bytes())
             .with_context(|| format!("writing {}", out.display()))?;

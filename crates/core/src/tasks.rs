@@ -47,6 +47,8 @@ pub enum EvalPlan {
     Mixture,
     /// The top-k retrieved adapters' factors averaged into one.
     Fusion,
+    /// The top-k retrieved adapters gated per token by the engine's RouterLoRA.
+    Router,
     /// The base model alone.
     None,
 }
@@ -59,10 +61,11 @@ impl std::str::FromStr for EvalPlan {
             "selection" => Self::Selection,
             "mixture" => Self::Mixture,
             "fusion" => Self::Fusion,
+            "router" => Self::Router,
             "none" => Self::None,
             other => {
                 return Err(TaskEvalError::Invalid(format!(
-                    "plan {other:?}: expected perfect, selection, mixture, fusion or none"
+                    "plan {other:?}: expected perfect, selection, mixture, fusion, router or none"
                 )));
             }
         })
@@ -76,6 +79,7 @@ impl EvalPlan {
             Self::Selection => "selection",
             Self::Mixture => "mixture",
             Self::Fusion => "fusion",
+            Self::Router => "router",
             Self::None => "none",
         }
     }
@@ -132,6 +136,7 @@ pub fn adapters_for(
         EvalPlan::Selection => (Plan::Selection, uniform(pick(1))),
         EvalPlan::Mixture => (Plan::Mixture, uniform(pick(cfg.k))),
         EvalPlan::Fusion => (Plan::Fusion, uniform(pick(cfg.k))),
+        EvalPlan::Router => (Plan::Router, uniform(pick(cfg.k))),
         EvalPlan::None => (Plan::None, Vec::new()),
     }
 }
@@ -308,7 +313,12 @@ pub fn run(
     on_done: &mut dyn FnMut(&Prediction, usize),
 ) -> Result<(TaskReport, Vec<Prediction>)> {
     let started = std::time::Instant::now();
-    if cfg.k == 0 && matches!(cfg.plan, EvalPlan::Mixture | EvalPlan::Fusion) {
+    if cfg.k == 0
+        && matches!(
+            cfg.plan,
+            EvalPlan::Mixture | EvalPlan::Fusion | EvalPlan::Router
+        )
+    {
         return Err(TaskEvalError::Invalid("k must be at least 1".into()));
     }
     let tasks = retrieval.tasks();

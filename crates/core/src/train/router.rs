@@ -308,3 +308,123 @@ impl RouterTrainer {
         Ok(sum / n.max(1) as f64)
     }
 }
+
+/// Router training data drawn from the paper's task format: the experts (one adapter per
+/// profile task, `<adapters>/<task>`), and each training task's samples as examples whose
+/// candidates are the top-k tasks retrieved for the sample, the own task always among them.
+pub struct TaskData {
+    /// Task names, in the order of `adapters`.
+    pub tasks: Vec<String>,
+    pub adapters: Vec<Arc<LoraAdapter>>,
+    pub examples: Vec<RouterExample>,
+    /// How many examples lost the start of their prompt to `max_len`.
+    pub truncated: usize,
+}
+
+/// Builds [`TaskData`]: `train_tasks` must be profile tasks; samples without targets are
+/// refused (the loss needs answers). `held_out` (optional test inputs) become extra examples
+/// returned separately, routed the same way, for a held-out loss.
+#[allow(clippy::too_many_arguments)]
+pub fn task_data(
+    model: &crate::model::Model,
+    embedder: &crate::embed::Embedder,
+    profiles: &[crate::retrieve::TaskProfile],
+    train_tasks: &[String],
+    adapters_dir: &std::path::Path,
+    k: usize,
+    max_len: usize,
+    held_out: &[crate::retrieve::TestInput],
+) -> Result<(TaskData, Vec<RouterExample>)> {
+    use crate::index::Scoring;
+    use crate::retrieve::{RetrievalEval, TestInput};
+    if k == 0 || k > crate::config::MAX_K {
+        return Err(TrainError::Invalid(format!(
+            "k {k}: must be 1 to {}",
+            crate::config::MAX_K
+        )));
+    }
+    let tasks: Vec<String> = profiles.iter().map(|p| p.model_name.clone()).collect();
+    for t in train_tasks {
+        if !tasks.contains(t) {
+            return Err(TrainError::Invalid(format!(
+                "training task {t:?} has no profile (known: {} tasks)",
+                tasks.len()
+            )));
+        }
+    }
+    if train_tasks.is_empty() {
+        return Err(TrainError::Invalid("no training task".into()));
+    }
+    let dirs = crate::tasks::adapter_dirs(adapters_dir, &tasks)
+        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let adapters: Vec<Arc<LoraAdapter>> = dirs
+        .iter()
+        .map(|d| LoraAdapter::load(d, &model.decoder).map(Arc::new))
+        .collect::<std::result::Result<_, _>>()?;
+    let mut inputs: Vec<TestInput> = Vec::new();
+    for p in profiles
+        .iter()
+        .filter(|p| train_tasks.contains(&p.model_name))
+    {
+        for (j, s) in p.sample.iter().enumerate() {
+            let Some(target) = s.targets.clone() else {
+                return Err(TrainError::Invalid(format!(
+                    "profile {:?} sample {}: no targets to train on",
+                    p.model_name,
+                    j + 1
+                )));
+            };
+            inputs.push(TestInput {
+                inputs: s.inputs.clone(),
+                task: p.model_name.clone(),
+                domain: p.domain.clone(),
+                targets: Some(target),
+                metric: None,
+            });
+        }
+    }
+    let train_n = inputs.len();
+    inputs.extend(
+        held_out
+            .iter()
+            .filter(|t| train_tasks.contains(&t.task) && t.targets.is_some())
+            .cloned(),
+    );
+    let retrieval = RetrievalEval::prepare(embedder, profiles, &inputs)
+        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let mut examples = Vec::with_capacity(inputs.len());
+    let mut truncated = 0;
+    for (i, t) in inputs.iter().enumerate() {
+        let own = retrieval.own_task(i);
+        let mut candidates: Vec<usize> = retrieval
+            .ranked(i, Scoring::Cosine)
+            .into_iter()
+            .take(k)
+            .map(|r| r.0)
+            .collect();
+        if !candidates.contains(&own) {
+            *candidates.last_mut().expect("k ≥ 1") = own;
+        }
+        let ex = super::Example {
+            input: t.inputs.clone(),
+            target: t.targets.clone().expect("filtered above"),
+        };
+        let (encoded, cut) =
+            super::encode_example(model, super::PromptTemplate::Alpaca, &ex, max_len)?;
+        truncated += cut as usize;
+        examples.push(RouterExample {
+            encoded,
+            candidates,
+        });
+    }
+    let held = examples.split_off(train_n);
+    Ok((
+        TaskData {
+            tasks,
+            adapters,
+            examples,
+            truncated,
+        },
+        held,
+    ))
+}
