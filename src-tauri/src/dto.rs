@@ -50,6 +50,8 @@ pub struct AppStatus {
     pub base: Option<BaseDto>,
     pub embedder: Option<EmbedderDto>,
     pub adapters: usize,
+    /// A RouterLoRA is installed for the base (plan `router` works; `auto` picks it).
+    pub router: bool,
     pub suggested: Suggested,
 }
 

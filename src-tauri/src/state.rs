@@ -233,6 +233,7 @@ impl AppState {
             EngineSlot::Failed(m) => (EngineState::Failed, Some(m.clone())),
         };
         let slot = self.lib_slot();
+        let router = slot.as_ref().is_some_and(|l| l.has_router());
         let (base, embedder, adapters) = match slot.as_ref() {
             Some(lib) => (
                 Some(BaseDto {
@@ -258,6 +259,7 @@ impl AppState {
             base,
             embedder,
             adapters,
+            router,
             suggested: self.suggested.clone(),
         }
     }

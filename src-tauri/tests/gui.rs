@@ -2,7 +2,8 @@
 //! folder set up with SmolLM2 + MiniLM and one local adapter, and the tests' local Hub server
 //! with an adapter to find. Search and install from Discover, see it in the Library, chat and
 //! watch the reply stream, check the routing panel against the stored provenance, regenerate,
-//! remove the adapter. Screenshots are kept in `target/gui-shots/` (look at them).
+//! answer with the plan `router` and check its layer × token heatmap against the stored
+//! per-layer gates, remove the adapter. Screenshots are kept in `target/gui-shots/` (look at them).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,7 +11,8 @@ use std::time::Duration;
 use ramole_core::catalog::{Catalog, SampleOrigin};
 use ramole_core::config;
 use ramole_core::library::{self, Library};
-use ramole_core::model::{LoadOptions, Model};
+use ramole_core::model::{LoadOptions, Model, SiteKind};
+use ramole_core::router::{RouterLora, RouterSite};
 use ramole_testhub::{Repo, TestHub};
 use ramole_tests::{Display, Driver, Element, Session, require_tools};
 use serde_json::json;
@@ -136,6 +138,20 @@ fn discover_install_chat_route_regenerate_remove_in_the_real_window() {
         ramole_core::adapter::write_random_peft(&src.join(name), &model.decoder, 4, 8.0, seed)
             .unwrap();
     }
+    // A router for the base (seeded; B_r scaled up so its gates clearly vary by layer and token).
+    let init = RouterLora::init(model.decoder.config(), BASE, &SiteKind::ALL, 8, 5).unwrap();
+    let sites = init
+        .sites()
+        .map(|(site, r)| {
+            let b = (&r.b * 300.0).unwrap();
+            (*site, RouterSite { a: r.a.clone(), b })
+        })
+        .collect();
+    let router_file = tmp.path().join("router.safetensors");
+    RouterLora::from_sites(init.config().clone(), sites)
+        .unwrap()
+        .save(&router_file, model.decoder.config())
+        .unwrap();
     drop(model);
     hub.add_repo(peft_repo(
         &src.join("french"),
@@ -159,6 +175,7 @@ fn discover_install_chat_route_regenerate_remove_in_the_real_window() {
         )
         .unwrap();
         let mut lib = Library::open(&data).unwrap();
+        lib.add_router(&router_file, false).unwrap();
         let rec = lib
             .add_local(&src.join("math"), Some(&samples), Some("math"))
             .unwrap();
@@ -268,13 +285,13 @@ fn drive(s: &Session, display: &Display, data: &Path) -> Result<(), String> {
 
     // The routing panel: gates sum to 1 and equal the stored provenance.
     let rows = gate_rows(s)?;
-    check_routing(&rows, data, &first_id, &french)?;
+    check_routing(&rows, data, &first_id, &french, "mixture")?;
 
     // Regenerate: a new reply replaces the old one in the catalog.
     s.click(&by_testid(s, "regenerate")?)?;
-    let (_, second_id, _) = wait_reply_done(s, Some(&first_element))?;
+    let (second_element, second_id, _) = wait_reply_done(s, Some(&first_element))?;
     let rows = gate_rows(s)?;
-    check_routing(&rows, data, &second_id, &french)?;
+    check_routing(&rows, data, &second_id, &french, "mixture")?;
     let catalog = Catalog::open(&data.join("catalog.sqlite")).map_err(|e| e.to_string())?;
     let chats = catalog.chats().map_err(|e| e.to_string())?;
     let msgs = catalog.messages(chats[0].id).map_err(|e| e.to_string())?;
@@ -287,6 +304,25 @@ fn drive(s: &Session, display: &Display, data: &Path) -> Result<(), String> {
     }
     drop(catalog);
     shot(display, "5-regenerated");
+
+    // The plan router: gates per layer and token, shown as a heatmap equal to the stored ones.
+    s.execute(
+        "const sel = document.querySelector('[data-testid=\"plan-select\"]');
+         sel.value = 'router'; sel.dispatchEvent(new Event('change', {bubbles: true}));",
+        vec![],
+    )?;
+    std::thread::sleep(Duration::from_millis(200));
+    if !s.find_all("[data-testid=\"router-hint\"]")?.is_empty() {
+        return Err("the 'needs a trained router' hint shows although the base has one".into());
+    }
+    let input = by_testid(s, "chat-input")?;
+    s.type_text(&input, "Translate to French: where is the station?")?;
+    s.click(&by_testid(s, "chat-send")?)?;
+    let (_, router_id, _) = wait_reply_done(s, Some(&second_element))?;
+    let rows = gate_rows(s)?;
+    check_routing(&rows, data, &router_id, &french, "router")?;
+    check_heatmap(s, data, &router_id)?;
+    shot(display, "5b-router-heatmap");
 
     // Remove the adapter from the Library.
     s.click(&by_testid(s, "nav-library")?)?;
@@ -334,6 +370,7 @@ fn check_routing(
     data: &Path,
     message_id: &str,
     french: &str,
+    plan: &str,
 ) -> Result<(), String> {
     let sum: f64 = rows.iter().map(|r| r.1).sum();
     if rows.len() != 2 || (sum - 1.0).abs() > 1e-5 {
@@ -359,7 +396,7 @@ fn check_routing(
         .iter()
         .map(|a| (a.id.clone(), a.gate as f64))
         .collect();
-    if prov.plan != "mixture" || stored.len() != rows.len() {
+    if prov.plan != plan || stored.len() != rows.len() {
         return Err(format!(
             "stored provenance {} {stored:?} differs from the panel {rows:?}",
             prov.plan
@@ -371,6 +408,93 @@ fn check_routing(
                 "panel {rows:?} differs from the stored provenance {stored:?}"
             ));
         }
+    }
+    Ok(())
+}
+
+/// The last reply's heatmap: one cell per layer and token column, each showing the selected
+/// adapter's gate as stored in the reply's `layer_gates`; then the same after picking another
+/// adapter.
+fn check_heatmap(s: &Session, data: &Path, message_id: &str) -> Result<(), String> {
+    let id: i64 = message_id
+        .parse()
+        .map_err(|_| format!("bad message id {message_id:?}"))?;
+    let catalog = Catalog::open(&data.join("catalog.sqlite")).map_err(|e| e.to_string())?;
+    let prov = catalog
+        .provenance(id)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no provenance stored for message {id}"))?;
+    let lg = prov
+        .layer_gates
+        .ok_or("a router reply stored no layer_gates")?;
+    let adapters: Vec<String> = serde_json::from_value(lg["adapters"].clone())
+        .map_err(|e| format!("layer_gates.adapters: {e}"))?;
+    let gates: Vec<Vec<Vec<f64>>> = serde_json::from_value(lg["gates"].clone())
+        .map_err(|e| format!("layer_gates.gates: {e}"))?;
+    let read = |s: &Session| -> Result<serde_json::Value, String> {
+        s.execute(
+            "const hs = document.querySelectorAll('[data-testid=\"gate-heatmap\"]');
+             const h = hs[hs.length - 1];
+             if (!h) return null;
+             return {layers: Number(h.getAttribute('data-layers')),
+                     tokens: Number(h.getAttribute('data-tokens')),
+                     adapter: h.getAttribute('data-adapter'),
+                     cells: [...h.querySelectorAll('[data-testid=\"heatmap-cell\"]')].map(c =>
+                       [Number(c.getAttribute('data-layer')), Number(c.getAttribute('data-token')),
+                        Number(c.getAttribute('data-gate'))])};",
+            vec![],
+        )
+    };
+    let check = |v: &serde_json::Value| -> Result<String, String> {
+        if v.is_null() {
+            return Err("no gate heatmap under the router reply".into());
+        }
+        let (layers, tokens) = (gates.len(), gates[0].len());
+        if v["layers"] != layers || v["tokens"] != tokens {
+            return Err(format!(
+                "heatmap {}×{}, stored {layers}×{tokens}",
+                v["layers"], v["tokens"]
+            ));
+        }
+        let adapter = v["adapter"].as_str().unwrap_or_default().to_string();
+        let a = adapters
+            .iter()
+            .position(|x| *x == adapter)
+            .ok_or_else(|| format!("heatmap shows {adapter:?}, not one of {adapters:?}"))?;
+        let cells = v["cells"].as_array().unwrap();
+        if cells.len() != layers * tokens {
+            return Err(format!("{} cells for {layers}×{tokens}", cells.len()));
+        }
+        for c in cells {
+            let (l, t, g) = (
+                c[0].as_u64().unwrap() as usize,
+                c[1].as_u64().unwrap() as usize,
+                c[2].as_f64().unwrap(),
+            );
+            if (gates[l][t][a] - g).abs() > 1e-9 {
+                return Err(format!(
+                    "cell layer {l} token {t} shows {g}, stored {}",
+                    gates[l][t][a]
+                ));
+            }
+        }
+        Ok(adapter)
+    };
+    let shown = check(&read(s)?)?;
+    // Pick another adapter: the cells follow.
+    let other = adapters
+        .iter()
+        .find(|a| **a != shown)
+        .ok_or("the router reply has one adapter")?;
+    let button = s.wait_element(
+        &format!("[data-testid=\"heatmap-adapter\"][data-adapter=\"{other}\"]"),
+        SHORT,
+    )?;
+    s.click(&button)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let now = check(&read(s)?)?;
+    if now != *other {
+        return Err(format!("picked {other}, heatmap shows {now}"));
     }
     Ok(())
 }

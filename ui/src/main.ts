@@ -9,7 +9,8 @@ async function boot() {
   if (!w.__TAURI_INTERNALS__) {
     const { createFakeBackend } = await import('./lib/api/fake');
     const params = new URLSearchParams(location.search);
-    const fake = createFakeBackend({ ready: !params.has('firstrun'), delayMs: 35, loadMs: 1500 });
+    // A trained router exists (plan `router`, and `auto` picks it) unless ?norouter.
+    const fake = createFakeBackend({ ready: !params.has('firstrun'), delayMs: 35, loadMs: 1500, router: !params.has('norouter') });
     setTransport(fake.invoke, fake.channel);
     console.info('RAMoLE UI: no Tauri runtime, using the in-memory fake backend');
   }

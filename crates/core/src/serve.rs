@@ -722,6 +722,7 @@ impl Reply {
     fn provenance(&self, g: &Generation) -> Provenance {
         let mut p = self.provenance.clone();
         p.generation = chat::generation_record(&self.params, g, self.dropped);
+        chat::record_router_gates(&mut p, g);
         p
     }
 

@@ -22,11 +22,25 @@ export function cssVar(name: string, fallback: string): string {
   return v || fallback;
 }
 
-/** The theme's chart colours: series (accent), grid lines and tick labels. */
-export function chartPalette(): { accent: string; grid: string; text: string } {
+/** Fallbacks of the series colours after the accent (app.css --series-2 .. --series-8). */
+const SERIES_FALLBACK = ['#e8590c', '#0ca678', '#ae3ec9', '#f59f00', '#d6336c', '#1098ad', '#74b816'];
+
+/**
+ * The theme's chart colours: accent, grid lines, tick labels, and `series`: one colour per
+ * adapter of a reply, by its index in Provenance.adapters (the first is the accent), so gate
+ * bars and the layer heatmap colour an adapter alike.
+ */
+export function chartPalette(): { accent: string; grid: string; text: string; series: string[] } {
+  const accent = cssVar('--accent', '#3b5bdb');
   return {
-    accent: cssVar('--accent', '#3b5bdb'),
+    accent,
     grid: cssVar('--border', '#ddd'),
     text: cssVar('--muted', '#666'),
+    series: [accent, ...SERIES_FALLBACK.map((c, i) => cssVar(`--series-${i + 2}`, c))],
   };
+}
+
+/** The colour of series `i` (wraps around past the last). */
+export function seriesColor(series: readonly string[], i: number): string {
+  return series[((i % series.length) + series.length) % series.length];
 }

@@ -24,6 +24,7 @@ import type {
   TrainRequest,
   AddLocalRequest,
   ServedAdapter,
+  LayerGates,
 } from './types';
 import type { EventChannel } from './index';
 
@@ -34,6 +35,11 @@ export interface FakeOptions {
   delayMs?: number;
   /** How long the engine stays "loading" after setup_models, in ms. */
   loadMs?: number;
+  /**
+   * Whether a trained router exists for the base: plan `router` works (else it is refused with
+   * `invalid`) and `auto` picks it for retrieved adapters (DESIGN.md 3a). Default false.
+   */
+  router?: boolean;
 }
 
 export interface FakeBackend {
@@ -56,6 +62,8 @@ interface FakeState {
   nextMessage: number;
   cancelled: Set<string>;
   running: Set<string>;
+  /** A trained router exists for the base (plan `router`). */
+  router: boolean;
 }
 
 const BASE = 'HuggingFaceTB/SmolLM2-135M-Instruct';
@@ -131,6 +139,7 @@ function initialState(ready: boolean): FakeState {
         : null,
       embedder: ready ? { id: 'sentence-transformers/all-MiniLM-L6-v2', path: '/home/me/.cache/ramole/models/all-MiniLM-L6-v2' } : null,
       adapters: adapters.length,
+      router: false,
       suggested: {
         base_path: '/opt/ramole/models/SmolLM2-135M-Instruct',
         embedder_path: '/opt/ramole/models/all-MiniLM-L6-v2',
@@ -180,6 +189,7 @@ function initialState(ready: boolean): FakeState {
     nextMessage: 1,
     cancelled: new Set(),
     running: new Set(),
+    router: false,
   };
 }
 
@@ -231,10 +241,71 @@ function softmax(xs: number[], tau: number): number[] {
   return e.map((v) => v / s);
 }
 
+/** Layers of the fake base (SmolLM2-135M has 30). */
+const ROUTER_LAYERS = 30;
+
+/** The reply as token-like pieces: words with their leading space, long words cut in 4s. */
+function tokenPieces(text: string): string[] {
+  const spans = text.match(/\s*\S+|\s+/g) ?? [];
+  return spans.flatMap((w) => {
+    const lead = w.match(/^\s*/)![0];
+    const body = w.slice(lead.length);
+    if (body.length <= 5) return [w];
+    const parts = body.match(/.{1,4}/gs) ?? [];
+    return [lead + parts[0], ...parts.slice(1)];
+  });
+}
+
+/** Deterministic 0..1 noise. */
+function noise(...keys: (string | number)[]): number {
+  let h = 2166136261;
+  for (const ch of keys.join('|')) h = Math.imul(h ^ ch.charCodeAt(0), 16777619);
+  return ((h >>> 0) % 10007) / 10007;
+}
+
+/**
+ * Plausible RouterLoRA gates for a reply: per layer and token column (the prompt, then the reply's
+ * tokens bucketed to at most 31 columns), a softmax around the retrieval prior that drifts
+ * smoothly with depth and jitters per token, rounded to 3 decimals.
+ */
+function routerGates(query: string, reply: string, served: ServedAdapter[]): LayerGates {
+  const pieces = tokenPieces(reply);
+  const per = Math.max(1, Math.ceil(pieces.length / 31));
+  const tokens = ['<prompt>'];
+  for (let i = 0; i < pieces.length; i += per) tokens.push(pieces.slice(i, i + per).join(''));
+  const prior = served.map((a) => Math.log(Math.max(1e-3, a.gate)));
+  const gates = Array.from({ length: ROUTER_LAYERS }, (_, l) =>
+    tokens.map((tok, t) => {
+      const logits = served.map((a, j) => {
+        const depth = Math.sin((l / ROUTER_LAYERS) * Math.PI * (1 + j * 0.7) + noise(a.id) * 6.28);
+        const jitter = t === 0 ? 0 : (noise(query, tok, t, a.id) - 0.5) * 2.2;
+        return prior[j] * 0.6 + depth * 1.1 + jitter * (0.3 + l / ROUTER_LAYERS);
+      });
+      const g = softmax(logits, 1).map((x) => Math.round(x * 1000) / 1000);
+      // Rounded gates still sum to 1: the largest takes the rounding error.
+      const top = g.indexOf(Math.max(...g));
+      g[top] = Math.round((g[top] + 1 - g.reduce((x, y) => x + y, 0)) * 1000) / 1000;
+      return g;
+    }),
+  );
+  return { adapters: served.map((a) => a.id), layers: ROUTER_LAYERS, tokens, gates };
+}
+
+/** Provenance.adapters of a router reply: gate = the mean over layers and reply token columns. */
+function replyMeans(lg: LayerGates, served: ServedAdapter[]): ServedAdapter[] {
+  const cols = lg.tokens.length > 1 ? lg.tokens.map((_, t) => t).slice(1) : [0];
+  const sums = served.map(() => 0);
+  for (const row of lg.gates) for (const t of cols) row[t].forEach((g, j) => (sums[j] += g));
+  const total = sums.reduce((a, b) => a + b, 0) || 1;
+  return served.map((a, j) => ({ ...a, gate: sums[j] / total }));
+}
+
 export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
   const delayMs = opts.delayMs ?? 0;
   const loadMs = opts.loadMs ?? 0;
   const st = initialState(opts.ready ?? true);
+  st.router = opts.router ?? false;
+  st.status.router = st.router;
   const calls: FakeBackend['calls'] = [];
 
   const sleep = (ms = delayMs) => (ms > 0 ? new Promise<void>((r) => setTimeout(r, ms)) : Promise.resolve());
@@ -293,7 +364,7 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
       const given = pins.map((p) => p.gate ?? 1 / pins.length);
       const s = given.reduce((a, b) => a + b, 0) || 1;
       served = pins.map((p, i) => ({ id: p.a.id, name: p.a.name, score: null, gate: given[i] / s }));
-      gating = 'given';
+      gating = plan === 'router' ? null : 'given';
       if (plan === 'auto') plan = served.length > 1 ? 'mixture' : 'selection';
     } else if (plan !== 'none') {
       const cands = st.adapters
@@ -303,8 +374,10 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
         .slice(0, Math.max(1, Math.min(8, k)));
       if (plan === 'auto') {
         const [a, b] = cands;
-        plan = !a ? 'none' : a.s >= 0.6 && (!b || a.s - b.s >= 0.25) ? 'selection' : 'mixture';
+        plan = !a ? 'none' : st.router ? 'router' : a.s >= 0.6 && (!b || a.s - b.s >= 0.25) ? 'selection' : 'mixture';
       }
+      // The router's gates come at the end of the reply (routerGates); these are the prior.
+      if (plan === 'router') gating = null;
       if (plan === 'selection') {
         served = cands.slice(0, 1).map((c) => ({ id: c.a.id, name: c.a.name, score: c.s, gate: 1 }));
       } else if (plan !== 'none') {
@@ -345,6 +418,9 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
 
   async function chatSend(req: SendRequest, ch: unknown): Promise<ChatReply> {
     needReady();
+    if (req.plan === 'router' && !st.router) {
+      throw err('invalid', `plan router needs a trained router for ${st.status.base?.id ?? BASE}; train one or choose another plan`);
+    }
     const action = req.action;
     let session: ChatSession;
     if (req.session === null) {
@@ -424,6 +500,11 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
       ...prov,
       generation: { ...prov.generation, prompt_tokens: 24 + history.length * 12, generated_tokens: generated, finish_reason: finish },
     };
+    if (prov.plan === 'router' && prov.adapters.length) {
+      const lg = routerGates(query, text, prov.adapters);
+      provenance.layer_gates = lg;
+      provenance.adapters = replyMeans(lg, prov.adapters);
+    }
     let replyId: number | null = null;
     if (action.kind !== 'compare') {
       const m: Message = { id: st.nextMessage++, role: 'assistant', content: text, created_at: now(), provenance };

@@ -8,9 +8,21 @@ export interface ApiError {
   message: string;
 }
 
-export type Plan = 'selection' | 'mixture' | 'fusion' | 'none';
+export type Plan = 'selection' | 'mixture' | 'fusion' | 'router' | 'none';
 export type PlanChoice = 'auto' | Plan;
-export const PLAN_CHOICES: PlanChoice[] = ['auto', 'selection', 'mixture', 'fusion', 'none'];
+export const PLAN_CHOICES: PlanChoice[] = ['auto', 'selection', 'mixture', 'fusion', 'router', 'none'];
+
+/** One line per plan (DESIGN.md 3a), shown as the plan selects' tooltips. */
+export const PLAN_HINTS: Record<PlanChoice, string> = {
+  auto: 'router when a trained router exists for the active base, else mixture',
+  selection: 'the top-1 retrieved adapter',
+  mixture: 'k retrieved adapters, their outputs mixed with gates',
+  fusion: 'k retrieved adapters, their weights averaged with gates (equal ranks only)',
+  router: 'RouterLoRA: per-token, per-layer gates over k retrieved adapters; needs a trained router for the active base',
+  none: 'the base model only',
+};
+/** Shown next to a plan select while `router` is chosen. */
+export const ROUTER_HINT = 'needs a trained router for the active base';
 
 export type EngineState = 'idle' | 'loading' | 'ready' | 'failed';
 
@@ -34,6 +46,8 @@ export interface AppStatus {
   base: BaseInfo | null;
   embedder: { id: string; path: string } | null;
   adapters: number;
+  /** A trained router exists for the active base (plan `router` works; `auto` picks it). */
+  router: boolean;
   /** Paths the run script prepared (PyPI SmolLM2 + MiniLM) for the first-run screen. */
   suggested: { base_path: string | null; embedder_path: string | null };
 }
@@ -213,7 +227,26 @@ export interface Provenance {
   adapters: ServedAdapter[];
   /** max_tokens, temperature, top_p, top_k, seed, prompt_tokens, generated_tokens, finish_reason, ... */
   generation: Record<string, unknown>;
-  layer_gates: unknown | null;
+  /** Plan `router` only (null otherwise): the router's gates per layer and token column. */
+  layer_gates: LayerGates | null;
+}
+
+/**
+ * The router's gates per layer and token column (Provenance.layer_gates of plan `router`).
+ * Validate with checkLayerGates (lib/layerGates.ts) before use: it comes from stored JSON.
+ */
+export interface LayerGates {
+  /** The gate columns' adapter ids, in order (the same ids as Provenance.adapters[].id). */
+  adapters: string[];
+  /** Number of layers (= gates.length). */
+  layers: number;
+  /**
+   * Column labels (at most 32): the first is always the literal `<prompt>` (the mean over all
+   * prompt tokens), then the reply's tokens as text; a label may cover several tokens.
+   */
+  tokens: string[];
+  /** gates[layer][token column][adapter]: mean gate over the layer's LoRA sites; sums to ~1. */
+  gates: number[][][];
 }
 
 export interface Message {
