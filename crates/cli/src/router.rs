@@ -11,7 +11,7 @@ use ramole_core::embed::Embedder;
 use ramole_core::model::{LoadOptions, Model, inspect_base};
 use ramole_core::retrieve::{TaskProfile, TestInput};
 use ramole_core::router::RouterLora;
-use ramole_core::train::router::{RouterTrainConfig, RouterTrainer, task_data};
+use ramole_core::train::router::{RouterTrainConfig, RouterTrainer, profile_inputs, task_data};
 use serde_json::json;
 
 #[derive(Subcommand)]
@@ -49,6 +49,16 @@ pub(crate) struct RouterTrainArgs {
     /// Training tasks, one name per line.
     #[arg(long)]
     tasks: PathBuf,
+    /// Train on these inputs (a `test-*.json`-format file: inputs, task, targets) of the
+    /// training tasks instead of their profile samples — inputs the adapters never saw.
+    #[arg(long)]
+    examples: Option<PathBuf>,
+    /// With --examples: skip the first N inputs of each task (keep them for evaluation).
+    #[arg(long, default_value_t = 0)]
+    skip_per_task: usize,
+    /// With --examples: then take at most this many inputs of each task.
+    #[arg(long, default_value_t = 20)]
+    per_task: usize,
     /// Where to write the router (.safetensors; the config goes beside it as .json).
     #[arg(long)]
     out: PathBuf,
@@ -181,10 +191,35 @@ fn run_train(a: RouterTrainArgs) -> Result<()> {
         .unwrap_or_else(config::minilm_dir);
     let train_tasks = read_tasks(&a.tasks)?;
     let profiles: Vec<TaskProfile> = crate::library::read_json(&a.profiles)?;
+    let train: Vec<TestInput> = match &a.examples {
+        Some(p) => {
+            let all: Vec<TestInput> = crate::library::read_json(p)?;
+            let mut seen = std::collections::HashMap::<&str, usize>::new();
+            let picked: Vec<TestInput> = all
+                .iter()
+                .filter(|t| train_tasks.contains(&t.task))
+                .filter(|t| {
+                    let n = seen.entry(t.task.as_str()).or_default();
+                    *n += 1;
+                    *n > a.skip_per_task && *n <= a.skip_per_task + a.per_task
+                })
+                .cloned()
+                .collect();
+            if let Some(t) = train_tasks.iter().find(|t| !seen.contains_key(t.as_str())) {
+                bail!("{}: no input of the training task {t:?}", p.display());
+            }
+            picked
+        }
+        None => profile_inputs(&profiles, &train_tasks)?,
+    };
     let held: Vec<TestInput> = match &a.held_out {
         Some(p) => {
             let all: Vec<TestInput> = crate::library::read_json(p)?;
-            ramole_core::tasks::limit_per_task(&all, Some(a.held_out_per_task))
+            let of_tasks: Vec<TestInput> = all
+                .into_iter()
+                .filter(|t| train_tasks.contains(&t.task))
+                .collect();
+            ramole_core::tasks::limit_per_task(&of_tasks, Some(a.held_out_per_task))
         }
         None => Vec::new(),
     };
@@ -197,7 +232,7 @@ fn run_train(a: RouterTrainArgs) -> Result<()> {
         &model,
         &embedder,
         &profiles,
-        &train_tasks,
+        &train,
         &a.adapters,
         a.k,
         a.max_len,
@@ -251,6 +286,9 @@ fn run_train(a: RouterTrainArgs) -> Result<()> {
         "k": a.k,
         "max_len": a.max_len,
         "tasks": train_tasks,
+        "examples_from": a.examples.as_ref().map_or("profile samples".to_string(), |p| {
+            format!("{} (skip {} per task, then {})", p.display(), a.skip_per_task, a.per_task)
+        }),
         "examples": n_examples,
         "truncated": data.truncated,
         "adapters": data.tasks,

@@ -67,8 +67,7 @@ fn train_add_chat_with_router_and_remove() {
         .map(|s| s.to_string())
         .collect()
     };
-    let refs = |v: &[String]| -> Vec<String> { v.to_vec() };
-    let a = refs(&args(tasks.to_str().unwrap(), out.to_str().unwrap()));
+    let a = args(tasks.to_str().unwrap(), out.to_str().unwrap());
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     let r = home.json(&a);
     assert_eq!(r["steps"], 2);
@@ -79,11 +78,45 @@ fn train_add_chat_with_router_and_remove() {
     assert_eq!(cfg["training"]["tasks"], json!(["french", "sentiment"]));
     assert_eq!(cfg["training"]["examples"], 4);
 
+    // Inputs the adapters never saw (a test-format file), skipping the first of each task.
+    let inputs = work.join("inputs.json");
+    std::fs::write(
+        &inputs,
+        json!([
+            {"inputs": FRENCH[2], "task": "french", "targets": "Salut"},
+            {"inputs": FRENCH[3], "task": "french", "targets": "Merci"},
+            {"inputs": SENTIMENT[2], "task": "sentiment", "targets": "negative"},
+            {"inputs": SENTIMENT[3], "task": "sentiment", "targets": "positive"},
+            {"inputs": MATH[2], "task": "math", "targets": "80"},
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let from_inputs = work.join("r2.safetensors");
+    let mut c = args(tasks.to_str().unwrap(), from_inputs.to_str().unwrap());
+    c.extend(
+        [
+            "--examples",
+            inputs.to_str().unwrap(),
+            "--skip-per-task",
+            "1",
+        ]
+        .map(String::from),
+    );
+    let c: Vec<&str> = c.iter().map(String::as_str).collect();
+    home.json(&c);
+    let cfg2: Value =
+        serde_json::from_str(&std::fs::read_to_string(work.join("r2.json")).unwrap()).unwrap();
+    assert_eq!(
+        cfg2["training"]["examples"], 2,
+        "one input of each training task"
+    );
+
     // An unknown training task is named and nothing is written.
     let bad = work.join("bad.txt");
     std::fs::write(&bad, "french\nklingon\n").unwrap();
     let other = work.join("other.safetensors");
-    let b = refs(&args(bad.to_str().unwrap(), other.to_str().unwrap()));
+    let b = args(bad.to_str().unwrap(), other.to_str().unwrap());
     let b: Vec<&str> = b.iter().map(String::as_str).collect();
     let e = home.fails(&b);
     assert!(e.contains("\"klingon\""), "{e}");

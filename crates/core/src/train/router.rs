@@ -310,8 +310,8 @@ impl RouterTrainer {
 }
 
 /// Router training data drawn from the paper's task format: the experts (one adapter per
-/// profile task, `<adapters>/<task>`), and each training task's samples as examples whose
-/// candidates are the top-k tasks retrieved for the sample, the own task always among them.
+/// profile task, `<adapters>/<task>`), and training inputs whose candidates are the top-k tasks
+/// retrieved for the input, the own task always among them.
 pub struct TaskData {
     /// Task names, in the order of `adapters`.
     pub tasks: Vec<String>,
@@ -321,51 +321,20 @@ pub struct TaskData {
     pub truncated: usize,
 }
 
-/// Builds [`TaskData`]: `train_tasks` must be profile tasks; samples without targets are
-/// refused (the loss needs answers). `held_out` (optional test inputs) become extra examples
-/// returned separately, routed the same way, for a held-out loss.
-#[allow(clippy::too_many_arguments)]
-pub fn task_data(
-    model: &crate::model::Model,
-    embedder: &crate::embed::Embedder,
+/// The samples (input → target) of `train_tasks` in `profiles`, as inputs to train on; a task
+/// without a profile or a sample without targets is refused.
+pub fn profile_inputs(
     profiles: &[crate::retrieve::TaskProfile],
     train_tasks: &[String],
-    adapters_dir: &std::path::Path,
-    k: usize,
-    max_len: usize,
-    held_out: &[crate::retrieve::TestInput],
-) -> Result<(TaskData, Vec<RouterExample>)> {
-    use crate::index::Scoring;
-    use crate::retrieve::{RetrievalEval, TestInput};
-    if k == 0 || k > crate::config::MAX_K {
-        return Err(TrainError::Invalid(format!(
-            "k {k}: must be 1 to {}",
-            crate::config::MAX_K
-        )));
-    }
-    let tasks: Vec<String> = profiles.iter().map(|p| p.model_name.clone()).collect();
+) -> Result<Vec<crate::retrieve::TestInput>> {
+    let mut inputs = Vec::new();
     for t in train_tasks {
-        if !tasks.contains(t) {
+        let Some(p) = profiles.iter().find(|p| p.model_name == *t) else {
             return Err(TrainError::Invalid(format!(
                 "training task {t:?} has no profile (known: {} tasks)",
-                tasks.len()
+                profiles.len()
             )));
-        }
-    }
-    if train_tasks.is_empty() {
-        return Err(TrainError::Invalid("no training task".into()));
-    }
-    let dirs = crate::tasks::adapter_dirs(adapters_dir, &tasks)
-        .map_err(|e| TrainError::Invalid(e.to_string()))?;
-    let adapters: Vec<Arc<LoraAdapter>> = dirs
-        .iter()
-        .map(|d| LoraAdapter::load(d, &model.decoder).map(Arc::new))
-        .collect::<std::result::Result<_, _>>()?;
-    let mut inputs: Vec<TestInput> = Vec::new();
-    for p in profiles
-        .iter()
-        .filter(|p| train_tasks.contains(&p.model_name))
-    {
+        };
         for (j, s) in p.sample.iter().enumerate() {
             let Some(target) = s.targets.clone() else {
                 return Err(TrainError::Invalid(format!(
@@ -374,7 +343,7 @@ pub fn task_data(
                     j + 1
                 )));
             };
-            inputs.push(TestInput {
+            inputs.push(crate::retrieve::TestInput {
                 inputs: s.inputs.clone(),
                 task: p.model_name.clone(),
                 domain: p.domain.clone(),
@@ -383,13 +352,58 @@ pub fn task_data(
             });
         }
     }
+    Ok(inputs)
+}
+
+/// Builds [`TaskData`] from `train` (inputs with their task and targets; each task must have a
+/// profile) over the adapters of every profile task. `held_out` inputs become extra examples
+/// returned separately, routed the same way, for a held-out loss.
+#[allow(clippy::too_many_arguments)]
+pub fn task_data(
+    model: &crate::model::Model,
+    embedder: &crate::embed::Embedder,
+    profiles: &[crate::retrieve::TaskProfile],
+    train: &[crate::retrieve::TestInput],
+    adapters_dir: &std::path::Path,
+    k: usize,
+    max_len: usize,
+    held_out: &[crate::retrieve::TestInput],
+) -> Result<(TaskData, Vec<RouterExample>)> {
+    use crate::index::Scoring;
+    use crate::retrieve::RetrievalEval;
+    if k == 0 || k > crate::config::MAX_K {
+        return Err(TrainError::Invalid(format!(
+            "k {k}: must be 1 to {}",
+            crate::config::MAX_K
+        )));
+    }
+    let tasks: Vec<String> = profiles.iter().map(|p| p.model_name.clone()).collect();
+    if train.is_empty() {
+        return Err(TrainError::Invalid("no training input".into()));
+    }
+    for (i, t) in train.iter().chain(held_out).enumerate() {
+        if !tasks.contains(&t.task) {
+            return Err(TrainError::Invalid(format!(
+                "input {i} is of task {:?}, which has no profile",
+                t.task
+            )));
+        }
+        if t.targets.is_none() {
+            return Err(TrainError::Invalid(format!(
+                "input {i} ({}) has no targets to train on",
+                t.task
+            )));
+        }
+    }
+    let dirs = crate::tasks::adapter_dirs(adapters_dir, &tasks)
+        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let adapters: Vec<Arc<LoraAdapter>> = dirs
+        .iter()
+        .map(|d| LoraAdapter::load(d, &model.decoder).map(Arc::new))
+        .collect::<std::result::Result<_, _>>()?;
+    let mut inputs = train.to_vec();
     let train_n = inputs.len();
-    inputs.extend(
-        held_out
-            .iter()
-            .filter(|t| train_tasks.contains(&t.task) && t.targets.is_some())
-            .cloned(),
-    );
+    inputs.extend(held_out.iter().cloned());
     let retrieval = RetrievalEval::prepare(embedder, profiles, &inputs)
         .map_err(|e| TrainError::Invalid(e.to_string()))?;
     let mut examples = Vec::with_capacity(inputs.len());
@@ -407,7 +421,7 @@ pub fn task_data(
         }
         let ex = super::Example {
             input: t.inputs.clone(),
-            target: t.targets.clone().expect("filtered above"),
+            target: t.targets.clone().expect("checked above"),
         };
         let (encoded, cut) =
             super::encode_example(model, super::PromptTemplate::Alpaca, &ex, max_len)?;
