@@ -331,6 +331,80 @@ struct ExpertSite {
     experts: Vec<usize>,
     /// The rank of each block.
     ranks: Vec<usize>,
+    /// The same factors as plain rows for the decode loop (compiled for a router only).
+    direct: Option<DirectSite>,
+}
+
+/// One site's factors as row-major f32 for [`ExpertSite::apply_direct`].
+struct DirectSite {
+    inp: usize,
+    out: usize,
+    /// `A_r` `[r, in]`.
+    a_r: Vec<f32>,
+    /// `[R, in]`.
+    a: Vec<f32>,
+    /// `(s_i B_i)ᵀ` stacked: `[R, out]`.
+    b_t: Vec<f32>,
+    /// `[r, R]`.
+    c: Vec<f32>,
+}
+
+/// Rows up to this many tokens are routed by plain loops (decode steps); longer ones, and
+/// training, through candle's ops.
+const DIRECT_MAX_TOKENS: usize = 4;
+
+impl ExpertSite {
+    /// The router's term for the tokens of `x` `[t, in]` added into `y` `[t, out]`, with the
+    /// gates `[t, n]` appended to `gates`: the same arithmetic as [`route`], one token at a time
+    /// in loops that read each factor row once (a decode step would otherwise pay a dozen
+    /// tensor dispatches per site, more than the arithmetic at these sizes).
+    fn apply_direct(&self, x: &[f32], y: &mut [f32], gates: &mut Vec<f32>) {
+        let d = self.direct.as_ref().expect("compiled for a router");
+        let (inp, out) = (d.inp, d.out);
+        let r = d.a_r.len() / inp;
+        let big_r: usize = self.ranks.iter().sum();
+        let scale = 1.0 / (r as f32).sqrt();
+        let mut h = vec![0f32; big_r];
+        let mut q = vec![0f32; r];
+        let mut u = vec![0f32; big_r];
+        for (xt, yt) in x.chunks_exact(inp).zip(y.chunks_exact_mut(out)) {
+            for (j, hj) in h.iter_mut().enumerate() {
+                *hj = crate::mole::dot(&d.a[j * inp..(j + 1) * inp], xt);
+            }
+            for (m, qm) in q.iter_mut().enumerate() {
+                *qm = crate::mole::dot(&d.a_r[m * inp..(m + 1) * inp], xt);
+            }
+            u.iter_mut().for_each(|v| *v = 0.0);
+            for (m, &qm) in q.iter().enumerate() {
+                for (uj, &c) in u.iter_mut().zip(&d.c[m * big_r..(m + 1) * big_r]) {
+                    *uj += qm * c;
+                }
+            }
+            let mut scores = Vec::with_capacity(self.ranks.len());
+            let mut at = 0;
+            for &rk in &self.ranks {
+                let s: f32 = (at..at + rk).map(|j| u[j] * h[j]).sum();
+                scores.push(s * scale);
+                at += rk;
+            }
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f32 = e.iter().sum();
+            let mut at = 0;
+            for (&rk, ei) in self.ranks.iter().zip(&e) {
+                let g = ei / sum;
+                gates.push(g);
+                let rows = d.b_t[at * out..(at + rk) * out].chunks_exact(out);
+                for (&hj, b_row) in h[at..at + rk].iter().zip(rows) {
+                    let w = g * hj;
+                    for (yo, &b) in yt.iter_mut().zip(b_row) {
+                        *yo += w * b;
+                    }
+                }
+                at += rk;
+            }
+        }
+    }
 }
 
 /// One request's retrieved adapters prepared for routing (the router's analogue of
@@ -371,9 +445,23 @@ impl RouterMix {
                 .collect::<candle_core::Result<_>>()?;
             let a = Tensor::cat(&a, 0)?.contiguous()?;
             let b = Tensor::cat(&b, 1)?.contiguous()?;
-            let c = match router.and_then(|r| r.site(site)) {
+            let rs = router.and_then(|r| r.site(site));
+            let c = match rs {
                 Some(rs) => Some(rs.b.t()?.matmul(&b)?.contiguous()?),
                 None => None,
+            };
+            let flat =
+                |t: &Tensor| -> candle_core::Result<Vec<f32>> { t.flatten_all()?.to_vec1::<f32>() };
+            let direct = match (rs, &c) {
+                (Some(rs), Some(c)) => Some(DirectSite {
+                    inp: a.dim(1)?,
+                    out: b.dim(0)?,
+                    a_r: flat(&rs.a)?,
+                    a: flat(&a)?,
+                    b_t: flat(&b.t()?.contiguous()?)?,
+                    c: flat(c)?,
+                }),
+                _ => None,
             };
             sites.insert(
                 site,
@@ -383,6 +471,7 @@ impl RouterMix {
                     c,
                     ranks: factors.iter().map(|f| f.rank()).collect(),
                     experts,
+                    direct,
                 },
             );
         }
@@ -407,9 +496,12 @@ impl RouterMix {
         self.sites
             .values()
             .map(|s| {
-                4 * (s.a.elem_count()
-                    + s.b.elem_count()
-                    + s.c.as_ref().map_or(0, Tensor::elem_count))
+                // The direct copy doubles what the tensors hold.
+                let copies = if s.direct.is_some() { 2 } else { 1 };
+                4 * copies
+                    * (s.a.elem_count()
+                        + s.b.elem_count()
+                        + s.c.as_ref().map_or(0, Tensor::elem_count))
             })
             .sum()
     }
@@ -592,13 +684,14 @@ impl<'a> RouterDelta<'a> {
         }
     }
 
-    fn record(&self, site: Site, parts: &[Part<'_>], alpha: &Tensor) -> candle_core::Result<()> {
+    /// Records gates given part by part, token by token (`[Σ t_j · n_j]`, as the direct path
+    /// writes them).
+    fn record_flat(&self, site: Site, parts: &[Part<'_>], gates: &[f32]) {
         let Some(log) = &self.log else {
-            return Ok(());
+            return;
         };
-        let alpha = alpha.detach().to_vec2::<f32>()?;
         let mut log = log.lock().expect("gate log");
-        let (mut tok, mut col) = (0, 0);
+        let mut at = 0;
         for p in parts {
             let n = p.mix.adapters.len();
             let entry = &mut log[p.row];
@@ -606,16 +699,35 @@ impl<'a> RouterDelta<'a> {
                 entry.sums = vec![0.0; self.layers * n];
                 entry.counts = vec![0; self.layers * n];
             }
-            for row in &alpha[tok..tok + p.span.len] {
+            let k = p.site.experts.len();
+            for row in gates[at..at + p.span.len * k].chunks_exact(k) {
                 for (j, &e) in p.site.experts.iter().enumerate() {
-                    let at = site.layer * n + e;
-                    entry.sums[at] += row[col + j] as f64;
-                    entry.counts[at] += 1;
+                    let i = site.layer * n + e;
+                    entry.sums[i] += row[j] as f64;
+                    entry.counts[i] += 1;
                 }
             }
-            tok += p.span.len;
-            col += p.site.experts.len();
+            at += p.span.len * k;
         }
+    }
+
+    /// Records the candle path's gates `[Σ t_j, Σ n_j]` (each row's tokens, its own columns).
+    fn record(&self, site: Site, parts: &[Part<'_>], alpha: &Tensor) -> candle_core::Result<()> {
+        if self.log.is_none() {
+            return Ok(());
+        }
+        let alpha = alpha.detach().to_vec2::<f32>()?;
+        let mut flat = Vec::new();
+        let (mut tok, mut col) = (0, 0);
+        for p in parts {
+            let k = p.site.experts.len();
+            for row in &alpha[tok..tok + p.span.len] {
+                flat.extend_from_slice(&row[col..col + k]);
+            }
+            tok += p.span.len;
+            col += k;
+        }
+        self.record_flat(site, parts, &flat);
         Ok(())
     }
 }
@@ -660,6 +772,26 @@ impl SiteDelta for RouterDelta<'_> {
             return Ok(None);
         }
         let n_tokens = x.dim(0)?;
+        let direct = parts.iter().all(|p| {
+            p.site.direct.is_some() && p.keep.is_none() && p.span.len <= DIRECT_MAX_TOKENS
+        });
+        if direct {
+            let xv = x.flatten_all()?.to_vec1::<f32>()?;
+            let inp = xv.len() / n_tokens.max(1);
+            let out_f = parts[0].site.direct.as_ref().expect("checked").out;
+            let mut y = vec![0f32; n_tokens * out_f];
+            let mut all_gates = Vec::new();
+            for p in &parts {
+                let (s0, s1) = (p.span.start, p.span.start + p.span.len);
+                p.site.apply_direct(
+                    &xv[s0 * inp..s1 * inp],
+                    &mut y[s0 * out_f..s1 * out_f],
+                    &mut all_gates,
+                );
+            }
+            self.record_flat(site, &parts, &all_gates);
+            return Ok(Some(Tensor::from_vec(y, (n_tokens, out_f), x.device())?));
+        }
         let all_tokens = parts.len() == rows.len()
             && rows
                 .iter()
