@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # RAMoLE's RouterLoRA on the small-scale benchmark (issue 9): trains a router over the 48 flan
-# task adapters of scripts/train-flan-adapters.sh on the samples of the committed 40% training
-# tasks (crates/core/data/retriever-tasks.txt), then runs `ramole eval tasks --plan router`
+# task adapters of scripts/train-flan-adapters.sh on inputs of the committed 40% training tasks
+# (crates/core/data/retriever-tasks.txt) that the adapters never saw (test inputs 6..25 of each
+# task; the evaluation uses the first LIMIT ≤ 5; PROFILE_SAMPLES=1 trains on the adapters' own
+# 20 samples instead, as docs/router.md's first run did), then runs `ramole eval tasks --plan router`
 # (IID and --ood) beside mixture on the same inputs, and prints the per-cluster table.
 #
 #   scripts/train-router.sh [ADAPTERS_DIR] [LIMIT_PER_TASK] [OUT_DIR]
@@ -22,11 +24,13 @@ router="${ROUTER:-$adapters/router/router.safetensors}"
 (cd "$here" && cargo build --release -q -p ramole-cli)
 ramole="$here/target/release/ramole"
 mkdir -p "$out" "$(dirname "$router")"
+examples=(--examples "$data/test-2395.json" --skip-per-task 5 --per-task 20)
+[ "${PROFILE_SAMPLES:-0}" = 1 ] && examples=()
 if [ ! -f "$router" ]; then
   t0=$(date +%s)
   "$ramole" router train --base "$base" --embedder "$embedder" --adapters "$adapters" \
     --profiles "$data/profiles-48.json" --tasks "$here/crates/core/data/retriever-tasks.txt" \
-    --out "$router" --k "${K:-3}" --steps "${STEPS:-50}" --dropout "${DROPOUT:-0.5}" \
+    "${examples[@]}" --out "$router" --k "${K:-3}" --steps "${STEPS:-50}" --dropout "${DROPOUT:-0.5}" \
     --rank "${RANK:-8}" --seed "${SEED:-0}" --lr "${LR:-5e-3}" \
     --held-out "$data/test-2395.json" --held-out-per-task 2 --json > "$out/router-train.json"
   echo "router training: $(( $(date +%s) - t0 )) s" >&2
