@@ -6,6 +6,7 @@ mod bench;
 mod hub;
 mod library;
 mod retrieval_bench;
+mod retriever;
 mod tasks_eval;
 mod train;
 
@@ -61,6 +62,12 @@ enum Command {
     /// Stored chat sessions and the provenance of their replies.
     #[command(subcommand)]
     Session(library::SessionCommand),
+    /// Fine-tune the retriever's sentence encoder (contrastive, on tasks' profile samples).
+    #[command(subcommand)]
+    Retriever(retriever::RetrieverCommand),
+    /// The active sentence encoder: switch it (adapters re-embedded, index rebuilt).
+    #[command(subcommand)]
+    Embedder(retriever::EmbedderCommand),
     /// Evaluations on the paper's benchmark data.
     #[command(subcommand)]
     Eval(library::EvalCommand),
@@ -246,6 +253,8 @@ fn main() -> ExitCode {
         Command::Chat(a) => library::run_chat(a),
         Command::Serve(a) => library::run_serve(a),
         Command::Session(c) => library::run_session(c),
+        Command::Retriever(c) => retriever::run_retriever(c),
+        Command::Embedder(c) => retriever::run_embedder(c),
         Command::Eval(c) => library::run_eval(c),
         Command::Bench(b) => bench::run(b),
     };
