@@ -1,6 +1,8 @@
 //! `ramole init | adapter ... | retrieve | chat | session ... | eval retrieval`: the library,
-//! retrieval and chat over the state in `$RAMOLE_HOME`.
+//! retrieval and chat over the state in `$RAMOLE_HOME`, and retrieval accuracy on the paper's
+//! data (split into trained and unseen tasks for a fine-tuned encoder).
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -17,6 +19,7 @@ use ramole_core::model::{LoadOptions, Model};
 use ramole_core::mole::Gating;
 use ramole_core::retrieve::{self, TaskProfile, TestInput};
 use ramole_core::serve::{self, ServeState};
+use ramole_core::train::retriever;
 use serde_json::json;
 
 #[derive(Args)]
@@ -217,6 +220,10 @@ pub(crate) struct EvalRetrievalArgs {
     /// Sentence encoder folder (default: the library's, else the test MiniLM).
     #[arg(long)]
     embedder: Option<PathBuf>,
+    /// The tasks an encoder was fine-tuned on (one per line): also report those tasks' inputs
+    /// (`trained`) and the other tasks' (`unseen`) apart.
+    #[arg(long)]
+    tasks: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -407,7 +414,7 @@ pub(crate) fn run_retrieve(a: RetrieveArgs) -> Result<()> {
         println!(
             "{}",
             json!({"adapters": hits, "k": k, "gating": gating.to_string(),
-                   "scoring": lib.settings().retrieval.scoring})
+                   "scoring": lib.settings().retrieval.scoring, "embedder": lib.embedder_id()})
         );
     } else if hits.is_empty() {
         println!("no retrievable adapters");
@@ -596,22 +603,53 @@ pub(crate) fn run_eval(cmd: EvalCommand) -> Result<()> {
             })
             .collect::<Result<_>>()?;
     let scoring: Scoring = a.scoring.parse().map_err(anyhow::Error::msg)?;
-    let embedder_dir = match &a.embedder {
-        Some(d) => d.clone(),
-        None => match config::Settings::load(&config::data_dir()) {
-            Ok(s) => s.embedder_path,
-            Err(_) => config::minilm_dir(),
-        },
-    };
+    let embedder_dir = crate::retriever::embedder_or_default(a.embedder.clone());
     let profiles: Vec<TaskProfile> = read_json(&a.profiles)?;
     let tests: Vec<TestInput> = read_json(&a.test)?;
+    let trained = match &a.tasks {
+        Some(f) => {
+            let tasks = retriever::read_task_list(f)?;
+            retriever::check_tasks_known(&tasks, &profiles)?;
+            Some(tasks)
+        }
+        None => None,
+    };
     let embedder = Embedder::load(&embedder_dir)
         .with_context(|| format!("loading the embedder {}", embedder_dir.display()))?;
     let t0 = std::time::Instant::now();
-    let report =
-        retrieve::RetrievalEval::prepare(&embedder, &profiles, &tests)?.report(&ks, scoring, a.ood);
+    let eval = retrieve::RetrievalEval::prepare(&embedder, &profiles, &tests)?;
+    let report = eval.report(&ks, scoring, a.ood);
+    // Inputs of the trained tasks and of the others, each ranked against every task.
+    let split = trained.as_ref().map(|tasks| {
+        let seen: HashSet<&str> = tasks.iter().map(String::as_str).collect();
+        let unseen: HashSet<&str> = eval
+            .tasks()
+            .iter()
+            .map(String::as_str)
+            .filter(|t| !seen.contains(t))
+            .collect();
+        (
+            (
+                seen.len(),
+                eval.report_for_tasks(&ks, scoring, a.ood, &seen),
+            ),
+            (
+                unseen.len(),
+                eval.report_for_tasks(&ks, scoring, a.ood, &unseen),
+            ),
+        )
+    });
     if a.json {
-        println!("{}", serde_json::to_string(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        if let Some(((nt, t), (nu, u))) = &split {
+            let part = |tasks: usize, r: &retrieve::RetrievalReport| {
+                json!({"overall": r.overall, "per_domain": r.per_domain, "n": r.n,
+                       "tasks": tasks})
+            };
+            v["trained"] = part(*nt, t);
+            v["unseen"] = part(*nu, u);
+        }
+        println!("{v}");
     } else {
         let head: Vec<String> = ks
             .iter()
@@ -639,6 +677,18 @@ pub(crate) fn run_eval(cmd: EvalCommand) -> Result<()> {
             .map(|k| format!("{:>7.2}", report.overall[&k.to_string()]))
             .collect();
         println!("{:<28}{}", "overall", cells.join(""));
+        if let Some(((nt, t), (nu, u))) = &split {
+            for (label, r) in [
+                (format!("trained ({nt} tasks)"), t),
+                (format!("unseen ({nu} tasks)"), u),
+            ] {
+                let cells: Vec<String> = ks
+                    .iter()
+                    .map(|k| format!("{:>7.2}", r.overall[&k.to_string()]))
+                    .collect();
+                println!("{label:<28}{}", cells.join(""));
+            }
+        }
     }
     if report.n == 0 {
         bail!("no test inputs");

@@ -6,6 +6,7 @@ mod bench;
 mod hub;
 mod library;
 mod retrieval_bench;
+mod retriever;
 mod router;
 mod tasks_eval;
 mod train;
@@ -65,6 +66,12 @@ enum Command {
     /// The RouterLoRA of the active base: train, add, show, remove.
     #[command(subcommand)]
     Router(router::RouterCommand),
+    /// Fine-tune the retriever's sentence encoder (contrastive, on tasks' profile samples).
+    #[command(subcommand)]
+    Retriever(retriever::RetrieverCommand),
+    /// The active sentence encoder: switch it (adapters re-embedded, index rebuilt).
+    #[command(subcommand)]
+    Embedder(retriever::EmbedderCommand),
     /// Evaluations on the paper's benchmark data.
     #[command(subcommand)]
     Eval(library::EvalCommand),
@@ -251,6 +258,8 @@ fn main() -> ExitCode {
         Command::Serve(a) => library::run_serve(a),
         Command::Session(c) => library::run_session(c),
         Command::Router(c) => router::run_router(c),
+        Command::Retriever(c) => retriever::run_retriever(c),
+        Command::Embedder(c) => retriever::run_embedder(c),
         Command::Eval(c) => library::run_eval(c),
         Command::Bench(b) => bench::run(b),
     };

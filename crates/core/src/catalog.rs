@@ -682,6 +682,20 @@ impl Catalog {
         upsert_embedding(&self.conn, key as i64, embedding).map_err(self.sql())
     }
 
+    /// Stores many profiles in one transaction (every adapter's, under a new embedder).
+    pub fn put_embeddings(&mut self, items: &[(u64, Embedding)]) -> Result<()> {
+        let path = self.path.clone();
+        let wrap = |source| CatalogError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(wrap)?;
+        for (key, e) in items {
+            upsert_embedding(&tx, *key as i64, e).map_err(wrap)?;
+        }
+        tx.commit().map_err(wrap)
+    }
+
     pub fn embedding(&self, key: u64, embedder: &str) -> Result<Option<Embedding>> {
         self.conn
             .query_row(

@@ -80,6 +80,21 @@ pub struct Library {
     pub repairs: Vec<String>,
 }
 
+/// What [`Library::use_embedder`] did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EmbedderSwitch {
+    /// The id of the embedder that was active before.
+    pub previous: String,
+    /// The id of the active embedder now.
+    pub embedder: String,
+    pub path: PathBuf,
+    pub dims: usize,
+    /// Adapters whose samples were embedded by the new encoder.
+    pub embedded: usize,
+    /// Adapters in the rebuilt index (the retrievable ones).
+    pub indexed: usize,
+}
+
 /// Records the active base model and embedder in `dir` (validating both). `retrieval` replaces
 /// the retrieval defaults; `None` keeps those already set. `base_id` overrides the identity read
 /// from the base's metadata.
@@ -649,6 +664,49 @@ impl Library {
         self.index.set_generation(self.catalog.index_generation()?);
         self.index.save(&self.index_path())?;
         Ok(())
+    }
+
+    /// Makes the encoder in `embedder_path` the active embedder: every installed adapter's
+    /// stored samples are embedded by it and stored (one transaction, beside the old
+    /// embedder's profiles), then the settings name it, then the index is rebuilt from the new
+    /// profiles. A crash before the settings are saved leaves the old embedder active (the new
+    /// profiles are unused); after, [`Library::open`] rebuilds the index the new embedder's
+    /// way, so retrieval never mixes two encoders.
+    pub fn use_embedder(&mut self, embedder_path: &Path) -> Result<EmbedderSwitch> {
+        let embedder = Embedder::load(embedder_path)?;
+        let mut profiles = Vec::new();
+        for rec in self.catalog.adapters()? {
+            let samples = self.catalog.samples(rec.key)?;
+            if samples.is_empty() {
+                continue;
+            }
+            let texts: Vec<&str> = samples.iter().map(|s| s.text.as_str()).collect();
+            profiles.push((rec.key, retrieve::profile(&embedder, &texts)?));
+        }
+        self.catalog.put_embeddings(&profiles)?;
+        config::fail_point("embedder-use:embedded");
+        let previous = std::mem::replace(&mut self.embedder_id, embedder.id().to_string());
+        let mut settings = self.settings.clone();
+        settings.embedder_path = absolute(embedder_path)?;
+        settings.save(&self.dir)?;
+        self.settings = settings;
+        config::fail_point("embedder-use:saved");
+        let spec = IndexSpec {
+            embedder: embedder.id().to_string(),
+            dims: embedder.dims(),
+            ..self.index.spec().clone()
+        };
+        self.index = AdapterIndex::new(spec, u64::MAX)?;
+        self.embedder = std::cell::OnceCell::from(embedder);
+        self.rebuild_index()?;
+        Ok(EmbedderSwitch {
+            previous,
+            embedder: self.embedder_id.clone(),
+            path: self.settings.embedder_path.clone(),
+            dims: self.index.spec().dims,
+            embedded: profiles.len(),
+            indexed: self.index.len(),
+        })
     }
 
     /// Top-k adapters for `text` (the latest user message), excluding `exclude` (adapter ids).

@@ -306,10 +306,40 @@ impl RetrievalEval {
     /// own task is among the top k. With `ood`, the own task is masked by [`top_k_masking`] and
     /// a hit is a task of the same domain (the own task can never be retrieved).
     pub fn report(&self, ks: &[usize], scoring: Scoring, ood: bool) -> RetrievalReport {
+        self.report_where(ks, scoring, ood, |_| true)
+    }
+
+    /// [`RetrievalEval::report`] over the test inputs whose own task is in `tasks` (by name);
+    /// every task is still a candidate. Splits seen from unseen tasks after fine-tuning.
+    pub fn report_for_tasks(
+        &self,
+        ks: &[usize],
+        scoring: Scoring,
+        ood: bool,
+        tasks: &HashSet<&str>,
+    ) -> RetrievalReport {
+        self.report_where(ks, scoring, ood, |own| {
+            tasks.contains(self.tasks[own].as_str())
+        })
+    }
+
+    /// The report over the test inputs whose own task (its position) `include` accepts.
+    fn report_where(
+        &self,
+        ks: &[usize],
+        scoring: Scoring,
+        ood: bool,
+        include: impl Fn(usize) -> bool,
+    ) -> RetrievalReport {
         let max_k = ks.iter().copied().max().unwrap_or(1);
         let mut hits: BTreeMap<usize, (usize, BTreeMap<String, usize>)> = BTreeMap::new();
         let mut per_domain_n: BTreeMap<String, usize> = BTreeMap::new();
+        let mut n = 0;
         for (i, (own, domain)) in self.tests.iter().enumerate() {
+            if !include(*own) {
+                continue;
+            }
+            n += 1;
             *per_domain_n.entry(domain.clone()).or_default() += 1;
             let order: Vec<usize> = self.ranked(i, scoring).iter().map(|r| r.0).collect();
             for &k in ks {
@@ -327,12 +357,18 @@ impl RetrievalEval {
                 }
             }
         }
-        let pct = |h: usize, n: usize| (10000.0 * h as f64 / n as f64).round() / 100.0;
+        let pct = |h: usize, n: usize| {
+            if n == 0 {
+                0.0
+            } else {
+                (10000.0 * h as f64 / n as f64).round() / 100.0
+            }
+        };
         let mut overall = BTreeMap::new();
         let mut per_domain: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
         for &k in ks {
             let (h, by_domain) = hits.get(&k).cloned().unwrap_or_default();
-            overall.insert(k.to_string(), pct(h, self.tests.len()));
+            overall.insert(k.to_string(), pct(h, n));
             for (d, n) in &per_domain_n {
                 per_domain.entry(d.clone()).or_default().insert(
                     k.to_string(),
@@ -343,7 +379,7 @@ impl RetrievalEval {
         RetrievalReport {
             overall,
             per_domain,
-            n: self.tests.len(),
+            n,
             scoring,
             ood,
         }

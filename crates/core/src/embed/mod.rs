@@ -56,20 +56,22 @@ impl From<candle_core::Error> for EmbedError {
 
 type Result<T, E = EmbedError> = std::result::Result<T, E>;
 
+/// The fields of a BERT `config.json` the encoder reads (shared with the trainable copy in
+/// `train::retriever`, which must build the same network).
 #[derive(serde::Deserialize)]
-struct BertConfig {
-    model_type: Option<String>,
-    hidden_size: usize,
-    num_hidden_layers: usize,
-    num_attention_heads: usize,
-    intermediate_size: usize,
-    max_position_embeddings: usize,
-    vocab_size: usize,
+pub(crate) struct BertConfig {
+    pub(crate) model_type: Option<String>,
+    pub(crate) hidden_size: usize,
+    pub(crate) num_hidden_layers: usize,
+    pub(crate) num_attention_heads: usize,
+    pub(crate) intermediate_size: usize,
+    pub(crate) max_position_embeddings: usize,
+    pub(crate) vocab_size: usize,
     #[serde(default = "default_eps")]
-    layer_norm_eps: f64,
+    pub(crate) layer_norm_eps: f64,
     #[serde(default = "default_types")]
-    type_vocab_size: usize,
-    hidden_act: Option<String>,
+    pub(crate) type_vocab_size: usize,
+    pub(crate) hidden_act: Option<String>,
 }
 
 fn default_eps() -> f64 {
@@ -188,7 +190,7 @@ impl<'a> TensorView<'a> {
 }
 
 /// `config.json` of the encoder in `dir`: its path, text and parsed form.
-fn read_config(dir: &Path) -> Result<(std::path::PathBuf, String, BertConfig)> {
+pub(crate) fn read_config(dir: &Path) -> Result<(std::path::PathBuf, String, BertConfig)> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| EmbedError::Config {
         file: cfg_path.clone(),
@@ -199,6 +201,15 @@ fn read_config(dir: &Path) -> Result<(std::path::PathBuf, String, BertConfig)> {
         message: format!("not a valid BERT config.json: {e}"),
     })?;
     Ok((cfg_path, text, cfg))
+}
+
+/// The prefix of every tensor name in the encoder's weights: some exports add `bert.`.
+pub(crate) fn tensor_prefix(st: &WeightStore) -> &'static str {
+    if st.contains("bert.embeddings.word_embeddings.weight") {
+        "bert."
+    } else {
+        ""
+    }
 }
 
 impl Embedder {
@@ -250,12 +261,7 @@ impl Embedder {
                 eps: cfg.layer_norm_eps as f32,
             })
         };
-        // Some exports prefix every tensor with `bert.`.
-        let p = if st.contains("bert.embeddings.word_embeddings.weight") {
-            "bert."
-        } else {
-            ""
-        };
+        let p = tensor_prefix(&st);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let l = format!("{p}encoder.layer.{i}");

@@ -1,9 +1,10 @@
 //! Training with candle's autograd on the CPU: LoRA adapters from examples ([`lora`]),
-//! RouterLoRAs over frozen adapters ([`router`]), and the pieces every training loop here
-//! shares: the examples file, the AdamW optimizer whose state can be checkpointed, and the typed
-//! errors.
+//! RouterLoRAs over frozen adapters ([`router`]), the retriever's sentence encoder by
+//! contrastive fine-tuning ([`retriever`]), and the pieces every training loop here shares: the
+//! examples file, the AdamW optimizer whose state can be checkpointed, and the typed errors.
 
 pub mod lora;
+pub mod retriever;
 pub mod router;
 
 use std::io::BufRead;
@@ -39,6 +40,8 @@ pub enum TrainError {
     Model(#[from] crate::model::ModelError),
     #[error(transparent)]
     Adapter(#[from] crate::adapter::AdapterError),
+    #[error(transparent)]
+    Embed(#[from] crate::embed::EmbedError),
 }
 
 impl From<candle_core::Error> for TrainError {
