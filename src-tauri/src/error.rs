@@ -131,7 +131,7 @@ impl From<TrainError> for ApiError {
         let code = match &e {
             TrainError::Data { .. } | TrainError::Invalid(_) | TrainError::Adapter(_) => "invalid",
             TrainError::Io { .. } | TrainError::Checkpoint { .. } => "io",
-            TrainError::Model(_) => "model",
+            TrainError::Model(_) | TrainError::Embed(_) => "model",
         };
         Self::new(code, e.to_string())
     }
