@@ -618,10 +618,16 @@ fn plan_epoch(rng: &mut rand::rngs::StdRng, sizes: &[usize], batch_tasks: usize)
     for r in 0..rounds {
         let mut round: Vec<Pair> = pairs.iter().filter_map(|p| p.get(r).copied()).collect();
         round.shuffle(rng);
-        for chunk in round.chunks(batch_tasks) {
-            if chunk.len() >= 2 {
-                batches.push(chunk.to_vec());
+        // Near-equal batches (4 pairs in batches of ≤ 3 → 2 + 2, not 3 + a lone pair that has
+        // no negative and would be dropped).
+        let parts = round.len().div_ceil(batch_tasks.max(1));
+        let mut at = 0;
+        for i in 0..parts {
+            let len = (round.len() - at).div_ceil(parts - i);
+            if len >= 2 {
+                batches.push(round[at..at + len].to_vec());
             }
+            at += len;
         }
     }
     batches
