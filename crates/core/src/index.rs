@@ -433,6 +433,9 @@ mod flat {
     /// Relative error of a dot product with f16-rounded weights: the rounding (2⁻¹¹ ≈ 4.9e-4
     /// of each element) plus f32 accumulation over a few hundred terms, with a 2× margin.
     const REL_ERROR: f32 = 1e-3;
+    /// Scans of at least this many elements are split over threads (below, waking a thread
+    /// costs more than it saves: ~1 MiB of f16).
+    const PARALLEL_MIN_ELEMS: usize = 1 << 19;
     /// Largest magnitude kept as f16; a vector with a larger element is always rescored.
     const F16_MAX: f32 = 65_000.0;
 
@@ -578,16 +581,32 @@ mod flat {
             out
         }
 
-        /// `out[i]` = the query against row `i` (f16 rows, f32 products and sums).
+        /// `out[i]` = the query against row `i` (f16 rows, f32 products and sums). Large
+        /// scans are split over the rayon pool: one core alone cannot pull the rows from
+        /// memory as fast as two.
         fn scan(&self, q: &[f32], out: &mut [f32]) {
+            use rayon::prelude::*;
+            let d = self.dims.max(1);
+            let threads = rayon::current_num_threads();
+            if threads > 1 && out.len() * d >= PARALLEL_MIN_ELEMS {
+                let chunk = out.len().div_ceil(threads);
+                out.par_chunks_mut(chunk)
+                    .zip(self.rows.par_chunks(chunk * d))
+                    .for_each(|(o, rows)| self.scan_rows(q, rows, o));
+            } else {
+                self.scan_rows(q, &self.rows, out);
+            }
+        }
+
+        fn scan_rows(&self, q: &[f32], rows: &[u16], out: &mut [f32]) {
             #[cfg(target_arch = "x86_64")]
             if self.f16c {
                 // SAFETY: `f16c` is set only when AVX2, FMA and F16C were detected; `rows`
                 // holds `out.len()` rows of `dims` = `q.len()` values.
-                unsafe { scan_avx2(q, &self.rows, out) };
+                unsafe { scan_avx2(q, rows, out) };
                 return;
             }
-            for (o, row) in out.iter_mut().zip(self.rows.chunks_exact(self.dims)) {
+            for (o, row) in out.iter_mut().zip(rows.chunks_exact(self.dims)) {
                 *o = row
                     .iter()
                     .zip(q)

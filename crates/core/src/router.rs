@@ -10,9 +10,11 @@
 //! The `out`-sized values `v_i = s_i B_i A_i x` are never formed to score them; [`reference`]
 //! forms them (the formula as written), and the tests compare the two.
 //!
-//! Rows of a batch each have their own experts: the experts of all routed rows are put side by
-//! side and a mask (`-∞` outside a row's own, or dropped, experts) confines each token's softmax
-//! to its row — the paper's mapping matrix. Gates are f32 and sum to 1 per token and site.
+//! Rows of a batch each have their own experts (the paper's mapping matrix): the base runs the
+//! batch once, and at each site every row's tokens are routed over that row's experts only — a
+//! union of all rows' experts behind a mask would cost every token the whole batch's experts.
+//! Experts dropped in training (Random LoRA Dropout) are masked (score `-∞` → gate 0). Gates are
+//! f32 and sum to 1 per token and site.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -710,26 +712,6 @@ impl<'a> RouterDelta<'a> {
             at += p.span.len * k;
         }
     }
-
-    /// Records the candle path's gates `[Σ t_j, Σ n_j]` (each row's tokens, its own columns).
-    fn record(&self, site: Site, parts: &[Part<'_>], alpha: &Tensor) -> candle_core::Result<()> {
-        if self.log.is_none() {
-            return Ok(());
-        }
-        let alpha = alpha.detach().to_vec2::<f32>()?;
-        let mut flat = Vec::new();
-        let (mut tok, mut col) = (0, 0);
-        for p in parts {
-            let k = p.site.experts.len();
-            for row in &alpha[tok..tok + p.span.len] {
-                flat.extend_from_slice(&row[col..col + k]);
-            }
-            tok += p.span.len;
-            col += k;
-        }
-        self.record_flat(site, parts, &flat);
-        Ok(())
-    }
 }
 
 /// A routed row's share of one site.
@@ -772,13 +754,14 @@ impl SiteDelta for RouterDelta<'_> {
             return Ok(None);
         }
         let n_tokens = x.dim(0)?;
-        let direct = parts.iter().all(|p| {
+        let out_f = rs.b.dim(0)?;
+        let is_direct = |p: &Part<'_>| {
             p.site.direct.is_some() && p.keep.is_none() && p.span.len <= DIRECT_MAX_TOKENS
-        });
-        if direct {
+        };
+        // Decode steps: every row by plain loops into one buffer.
+        if parts.iter().all(is_direct) {
             let xv = x.flatten_all()?.to_vec1::<f32>()?;
             let inp = xv.len() / n_tokens.max(1);
-            let out_f = parts[0].site.direct.as_ref().expect("checked").out;
             let mut y = vec![0f32; n_tokens * out_f];
             let mut all_gates = Vec::new();
             for p in &parts {
@@ -792,56 +775,13 @@ impl SiteDelta for RouterDelta<'_> {
             self.record_flat(site, &parts, &all_gates);
             return Ok(Some(Tensor::from_vec(y, (n_tokens, out_f), x.device())?));
         }
-        let all_tokens = parts.len() == rows.len()
-            && rows
-                .iter()
-                .enumerate()
-                .all(|(i, s)| s.start == rows[..i].iter().map(|r| r.len).sum::<usize>())
-            && rows.iter().map(|r| r.len).sum::<usize>() == n_tokens;
-        let xs = if all_tokens {
-            x.clone()
-        } else {
-            let idx: Vec<u32> = parts
-                .iter()
-                .flat_map(|p| (p.span.start..p.span.start + p.span.len).map(|i| i as u32))
-                .collect();
-            let len = idx.len();
-            x.index_select(&Tensor::from_vec(idx, len, x.device())?, 0)?
-        };
-        let (out, alpha) = if parts.len() == 1 && parts[0].keep.is_none() {
-            let p = &parts[0];
-            let c = match &p.site.c {
-                Some(c) => c.clone(),
-                None => rs.b.t()?.matmul(&p.site.b)?,
-            };
-            let group = group_matrix(&[p.site], x.device())?;
-            route(&xs, &rs.a, &p.site.a, &p.site.b, &c, &group, None)?
-        } else {
-            let sites: Vec<&ExpertSite> = parts.iter().map(|p| p.site).collect();
-            let a = Tensor::cat(&sites.iter().map(|s| &s.a).collect::<Vec<_>>(), 0)?;
-            let b = Tensor::cat(&sites.iter().map(|s| &s.b).collect::<Vec<_>>(), 1)?;
-            let c = match sites.iter().all(|s| s.c.is_some()) {
-                true => Tensor::cat(
-                    &sites
-                        .iter()
-                        .map(|s| s.c.as_ref().expect("checked"))
-                        .collect::<Vec<_>>(),
-                    1,
-                )?,
-                false => rs.b.t()?.matmul(&b)?,
-            };
-            let group = group_matrix(&sites, x.device())?;
-            let mask = mask_matrix(&parts, x.device())?;
-            route(&xs, &rs.a, &a, &b, &c, &group, Some(&mask))?
-        };
-        self.record(site, &parts, &alpha)?;
-        if all_tokens {
-            return Ok(Some(out));
-        }
-        // Scatter the routed tokens back among the unrouted ones (zero rows).
-        let out_f = out.dim(1)?;
-        let mut pieces = Vec::new();
-        let (mut at, mut taken) = (0, 0);
+        // Otherwise each row is routed over its own experts only (the paper's mapping matrix
+        // without paying every token the whole batch's experts): short rows by loops, longer
+        // ones (prefill, training) through candle's ops, which autograd follows.
+        let mut pieces = Vec::with_capacity(2 * parts.len() + 1);
+        let mut gates = Vec::new();
+        let mut at = 0;
+        let mut xv: Option<Vec<f32>> = None;
         for p in &parts {
             if p.span.start > at {
                 pieces.push(Tensor::zeros(
@@ -850,8 +790,32 @@ impl SiteDelta for RouterDelta<'_> {
                     x.device(),
                 )?);
             }
-            pieces.push(out.narrow(0, taken, p.span.len)?);
-            taken += p.span.len;
+            if is_direct(p) {
+                if xv.is_none() {
+                    xv = Some(x.flatten_all()?.to_vec1::<f32>()?);
+                }
+                let xv = xv.as_deref().expect("set above");
+                let inp = xv.len() / n_tokens.max(1);
+                let mut y = vec![0f32; p.span.len * out_f];
+                let (s0, s1) = (p.span.start, p.span.start + p.span.len);
+                p.site
+                    .apply_direct(&xv[s0 * inp..s1 * inp], &mut y, &mut gates);
+                pieces.push(Tensor::from_vec(y, (p.span.len, out_f), x.device())?);
+            } else {
+                let xs = x.narrow(0, p.span.start, p.span.len)?;
+                let c = match &p.site.c {
+                    Some(c) => c.clone(),
+                    None => rs.b.t()?.matmul(&p.site.b)?,
+                };
+                let group = group_matrix(p.site, x.device())?;
+                let mask = p.keep.map(|_| mask_matrix(p, x.device())).transpose()?;
+                let (out, alpha) =
+                    route(&xs, &rs.a, &p.site.a, &p.site.b, &c, &group, mask.as_ref())?;
+                if self.log.is_some() {
+                    gates.extend(alpha.detach().flatten_all()?.to_vec1::<f32>()?);
+                }
+                pieces.push(out);
+            }
             at = p.span.start + p.span.len;
         }
         if n_tokens > at {
@@ -861,56 +825,46 @@ impl SiteDelta for RouterDelta<'_> {
                 x.device(),
             )?);
         }
+        self.record_flat(site, &parts, &gates);
+        if pieces.len() == 1 {
+            return Ok(pieces.pop());
+        }
         Ok(Some(Tensor::cat(&pieces, 0)?))
     }
 }
 
-/// `[Σ R_j, Σ n_j]`: 1 where a rank row of the stacked sites belongs to an expert column.
-fn group_matrix(sites: &[&ExpertSite], device: &Device) -> candle_core::Result<Tensor> {
-    let rows: usize = sites.iter().map(|s| s.ranks.iter().sum::<usize>()).sum();
-    let cols: usize = sites.iter().map(|s| s.ranks.len()).sum();
+/// `[R, n]`: 1 where a rank row of the stacked experts belongs to expert column `p`.
+fn group_matrix(site: &ExpertSite, device: &Device) -> candle_core::Result<Tensor> {
+    let rows: usize = site.ranks.iter().sum();
+    let cols = site.ranks.len();
     let mut g = vec![0f32; rows * cols];
-    let (mut row, mut col) = (0, 0);
-    for s in sites {
-        for &r in &s.ranks {
-            for i in row..row + r {
-                g[i * cols + col] = 1.0;
-            }
-            row += r;
-            col += 1;
+    let mut row = 0;
+    for (col, &r) in site.ranks.iter().enumerate() {
+        for i in row..row + r {
+            g[i * cols + col] = 1.0;
         }
+        row += r;
     }
     Tensor::from_vec(g, (rows, cols), device)
 }
 
-/// `[Σ t_j, Σ n_j]`: 0 where a token may use an expert column (its own row's, not dropped),
-/// [`MASKED`] elsewhere.
-fn mask_matrix(parts: &[Part<'_>], device: &Device) -> candle_core::Result<Tensor> {
-    let tokens: usize = parts.iter().map(|p| p.span.len).sum();
-    let cols: usize = parts.iter().map(|p| p.site.experts.len()).sum();
-    let mut m = vec![MASKED; tokens * cols];
-    let (mut tok, mut col) = (0, 0);
-    for p in parts {
-        let open: Vec<bool> = p
-            .site
-            .experts
-            .iter()
-            .map(|&e| p.keep.is_none_or(|k| k[e]))
-            .collect();
-        // A row whose surviving experts all lack this site keeps them all here rather than
-        // leaving a token with nothing to attend to.
-        let any = open.iter().any(|&o| o);
-        for t in tok..tok + p.span.len {
-            for (j, &o) in open.iter().enumerate() {
-                if o || !any {
-                    m[t * cols + col + j] = 0.0;
-                }
-            }
-        }
-        tok += p.span.len;
-        col += open.len();
-    }
-    Tensor::from_vec(m, (tokens, cols), device)
+/// `[t, n]`: 0 where the row's tokens may use an expert (not dropped), [`MASKED`] elsewhere.
+fn mask_matrix(part: &Part<'_>, device: &Device) -> candle_core::Result<Tensor> {
+    let open: Vec<bool> = part
+        .site
+        .experts
+        .iter()
+        .map(|&e| part.keep.is_none_or(|k| k[e]))
+        .collect();
+    // A row whose surviving experts all lack this site keeps them all here rather than
+    // leaving a token with nothing to attend to.
+    let any = open.iter().any(|&o| o);
+    let row: Vec<f32> = open
+        .iter()
+        .map(|&o| if o || !any { 0.0 } else { MASKED })
+        .collect();
+    let t = part.span.len;
+    Tensor::from_vec(row.repeat(t), (t, open.len()), device)
 }
 
 /// Which candidates survive Random LoRA Dropout (ramole-paper.md 2.4): each is dropped with
