@@ -30,7 +30,7 @@ if [ ! -f "$router" ]; then
   t0=$(date +%s)
   "$ramole" router train --base "$base" --embedder "$embedder" --adapters "$adapters" \
     --profiles "$data/profiles-48.json" --tasks "$here/crates/core/data/retriever-tasks.txt" \
-    "${examples[@]}" --out "$router" --k "${K:-3}" --steps "${STEPS:-50}" --dropout "${DROPOUT:-0.5}" \
+    "${examples[@]}" --out "$router" --k "${K:-3}" --steps "${STEPS:-80}" --dropout "${DROPOUT:-0.5}" \
     --rank "${RANK:-8}" --seed "${SEED:-0}" --lr "${LR:-5e-3}" \
     --held-out "$data/test-2395.json" --held-out-per-task 2 --json > "$out/router-train.json"
   echo "router training: $(( $(date +%s) - t0 )) s" >&2
