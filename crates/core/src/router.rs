@@ -833,7 +833,7 @@ impl SiteDelta for RouterDelta<'_> {
     }
 }
 
-/// `[R, n]`: 1 where a rank row of the stacked experts belongs to expert column `p`.
+/// `[R, n]`: 1 where rank row `i` of the stacked experts belongs to expert (column) `j`.
 fn group_matrix(site: &ExpertSite, device: &Device) -> candle_core::Result<Tensor> {
     let rows: usize = site.ranks.iter().sum();
     let cols = site.ranks.len();
