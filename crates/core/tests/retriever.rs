@@ -76,25 +76,29 @@ const TINY: &[&str] = &["sst2", "wmt16_translate_deen", "common_gen"];
 fn tiny_trained() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let root = tempfile::tempdir().unwrap().keep();
-        let out = root.join("minilm-tiny");
-        let cfg = RetrieverConfig {
-            epochs: 1,
-            seed: 1,
-            lr: 5e-5,
-            ..RetrieverConfig::default()
-        };
-        train_retriever(
-            &minilm(),
-            &profiles(TINY, 6),
-            &names(TINY),
-            &cfg,
-            &out,
-            &mut quiet(),
-        )
-        .unwrap();
+        let out = tempfile::tempdir().unwrap().keep().join("minilm-tiny");
+        train_tiny(&out, 1);
         out
     })
+}
+
+/// Trains the tiny retriever (3 tasks, 6 samples, 1 epoch) with `seed` into `out`.
+fn train_tiny(out: &Path, seed: u64) {
+    let cfg = RetrieverConfig {
+        epochs: 1,
+        seed,
+        lr: 5e-5,
+        ..RetrieverConfig::default()
+    };
+    train_retriever(
+        &minilm(),
+        &profiles(TINY, 6),
+        &names(TINY),
+        &cfg,
+        out,
+        &mut quiet(),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -280,21 +284,7 @@ fn the_same_seed_gives_identical_weights_and_the_folder_loads_as_an_embedder() {
     let root = tempfile::tempdir().unwrap();
     let run = |seed: u64, name: &str| -> PathBuf {
         let out = root.path().join(name);
-        let cfg = RetrieverConfig {
-            epochs: 1,
-            seed,
-            lr: 5e-5,
-            ..RetrieverConfig::default()
-        };
-        train_retriever(
-            &minilm(),
-            &profiles(TINY, 6),
-            &names(TINY),
-            &cfg,
-            &out,
-            &mut quiet(),
-        )
-        .unwrap();
+        train_tiny(&out, seed);
         out
     };
     let same = run(1, "again");

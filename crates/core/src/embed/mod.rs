@@ -499,18 +499,25 @@ impl Embedder {
             let f = l.ffn_out.forward(&l.ffn_in.forward(&x)?.gelu_erf()?)?;
             x = l.ffn_norm.forward(&(f + &x)?)?;
         }
-        let m = mask.unsqueeze(2)?; // [b, t, 1]
-        let summed = x.broadcast_mul(&m)?.sum(1)?; // [b, h]
-        let counts = m.sum(1)?.clamp(1.0, f64::MAX)?; // [b, 1]
-        let mean = summed.broadcast_div(&counts)?;
-        let norm = mean
-            .sqr()?
-            .sum_keepdim(D::Minus1)?
-            .sqrt()?
-            .clamp(1e-12, f64::MAX)?;
-        let unit = mean.broadcast_div(&norm)?.to_dtype(DType::F32)?;
+        let unit = mean_pool_unit(&x, &mask)?.to_dtype(DType::F32)?;
         Ok(unit.to_vec2()?)
     }
+}
+
+/// The sentence embedding of encoder outputs `x` `[b, t, h]` under `mask` `[b, t]` (1 for real
+/// tokens): the mean over real tokens, L2-normalised, `[b, h]`. Candle ops only, so the
+/// retriever's training follows it through autograd.
+pub(crate) fn mean_pool_unit(x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    let m = mask.unsqueeze(2)?; // [b, t, 1]
+    let summed = x.broadcast_mul(&m)?.sum(1)?; // [b, h]
+    let counts = m.sum(1)?.clamp(1.0, f64::MAX)?; // [b, 1]
+    let mean = summed.broadcast_div(&counts)?;
+    let norm = mean
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::MAX)?;
+    mean.broadcast_div(&norm)
 }
 
 #[cfg(test)]

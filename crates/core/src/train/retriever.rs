@@ -26,7 +26,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use super::{AdamW, Result, TrainError, clip_grad_norm};
-use crate::embed::{Embedder, WeightPrecision, read_config, tensor_prefix};
+use crate::embed::{Embedder, WeightPrecision, mean_pool_unit, read_config, tensor_prefix};
 use crate::model::WeightStore;
 use crate::retrieve::TaskProfile;
 
@@ -446,16 +446,7 @@ impl TrainableEncoder {
             let f = l.ffn_out.forward(&l.ffn_in.forward(&y)?.gelu_erf()?)?;
             x = l.ffn_norm.forward(&(f + &y)?)?;
         }
-        let m = mask.unsqueeze(2)?; // [b, t, 1]
-        let summed = x.reshape((b, t, h))?.broadcast_mul(&m)?.sum(1)?; // [b, h]
-        let counts = m.sum(1)?.clamp(1.0, f64::MAX)?; // [b, 1]
-        let mean = summed.broadcast_div(&counts)?;
-        let norm = mean
-            .sqr()?
-            .sum_keepdim(D::Minus1)?
-            .sqrt()?
-            .clamp(1e-12, f64::MAX)?;
-        Ok(mean.broadcast_div(&norm)?)
+        Ok(mean_pool_unit(&x.reshape((b, t, h))?, &mask)?)
     }
 
     /// [`TrainableEncoder::forward`] over many sequences: sorted by length into passes of a few
