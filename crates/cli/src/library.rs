@@ -665,29 +665,21 @@ pub(crate) fn run_eval(cmd: EvalCommand) -> Result<()> {
             t0.elapsed().as_secs_f64()
         );
         println!("{:<28}{}", "domain", head.join(""));
-        for (d, row) in &report.per_domain {
+        // One line: a label and the accuracy at each k.
+        let line = |label: &str, row: &std::collections::BTreeMap<String, f64>| {
             let cells: Vec<String> = ks
                 .iter()
                 .map(|k| format!("{:>7.2}", row[&k.to_string()]))
                 .collect();
-            println!("{:<28}{}", d, cells.join(""));
+            println!("{label:<28}{}", cells.join(""));
+        };
+        for (d, row) in &report.per_domain {
+            line(d, row);
         }
-        let cells: Vec<String> = ks
-            .iter()
-            .map(|k| format!("{:>7.2}", report.overall[&k.to_string()]))
-            .collect();
-        println!("{:<28}{}", "overall", cells.join(""));
+        line("overall", &report.overall);
         if let Some(((nt, t), (nu, u))) = &split {
-            for (label, r) in [
-                (format!("trained ({nt} tasks)"), t),
-                (format!("unseen ({nu} tasks)"), u),
-            ] {
-                let cells: Vec<String> = ks
-                    .iter()
-                    .map(|k| format!("{:>7.2}", r.overall[&k.to_string()]))
-                    .collect();
-                println!("{label:<28}{}", cells.join(""));
-            }
+            line(&format!("trained ({nt} tasks, {} in)", t.n), &t.overall);
+            line(&format!("unseen ({nu} tasks, {} in)", u.n), &u.overall);
         }
     }
     if report.n == 0 {

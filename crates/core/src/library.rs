@@ -685,11 +685,12 @@ impl Library {
         }
         self.catalog.put_embeddings(&profiles)?;
         config::fail_point("embedder-use:embedded");
-        let previous = std::mem::replace(&mut self.embedder_id, embedder.id().to_string());
         let mut settings = self.settings.clone();
         settings.embedder_path = absolute(embedder_path)?;
         settings.save(&self.dir)?;
         self.settings = settings;
+        // Only once the settings name it: a failed save leaves this library on the old one.
+        let previous = std::mem::replace(&mut self.embedder_id, embedder.id().to_string());
         config::fail_point("embedder-use:saved");
         let spec = IndexSpec {
             embedder: embedder.id().to_string(),
