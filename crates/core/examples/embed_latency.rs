@@ -1,12 +1,13 @@
-//! Latency of embedding one text on the packed path and on the candle reference, and their
-//! largest difference: `cargo run --release -p ramole-core --example embed_latency [-- [--f32|--f16|--int8] [--packed-only] [DIR]]`.
+//! Latency of embedding one text on the packed path, for every kernel set this CPU has (AMX
+//! with bf16 weights, AVX-512 and AVX2 with the chosen precision), interleaved run by run, and
+//! each one's largest difference from the candle reference:
+//! `cargo run --release -p ramole-core --example embed_latency [-- [--f32|--f16|--int8] [--packed-only] [DIR]]`.
 
 use std::time::Instant;
 
-use ramole_core::embed::Embedder;
+use ramole_core::embed::{Embedder, Isa, WeightPrecision};
 
-/// The median and the fastest run (the fastest is the least disturbed by other processes).
-fn timed_ms(mut f: impl FnMut(), runs: usize) -> (f64, f64) {
+fn median_ms(mut f: impl FnMut(), runs: usize) -> f64 {
     let mut t: Vec<f64> = (0..runs)
         .map(|_| {
             let s = Instant::now();
@@ -15,11 +16,7 @@ fn timed_ms(mut f: impl FnMut(), runs: usize) -> (f64, f64) {
         })
         .collect();
     t.sort_by(f64::total_cmp);
-    (t[t.len() / 2], t[0])
-}
-
-fn median_ms(f: impl FnMut(), runs: usize) -> f64 {
-    timed_ms(f, runs).0
+    t[t.len() / 2]
 }
 
 fn main() {
@@ -30,54 +27,65 @@ fn main() {
         .find(|a| !a.starts_with("--"))
         .map(Into::into)
         .unwrap_or_else(ramole_core::config::minilm_dir);
-    let precision = if std::env::args().any(|a| a == "--f16") {
-        ramole_core::embed::WeightPrecision::F16
-    } else if std::env::args().any(|a| a == "--int8") {
-        ramole_core::embed::WeightPrecision::Int8
+    let precision = if std::env::args().any(|a| a == "--int8") {
+        WeightPrecision::Int8
     } else if std::env::args().any(|a| a == "--f32") {
-        ramole_core::embed::WeightPrecision::F32
+        WeightPrecision::F32
     } else {
-        ramole_core::embed::DEFAULT_PRECISION
+        WeightPrecision::F16
     };
-    println!("packed weights: {precision:?}");
     // Only the packed path's single texts: quick side-by-side comparisons.
     let packed_only = std::env::args().any(|a| a == "--packed-only");
-    let e = Embedder::load_with(&dir, precision).expect("load the encoder");
+    // AMX multiplies bf16 weights; the other kernel sets the chosen precision.
+    let runs: Vec<(Isa, WeightPrecision, Embedder)> = Isa::available()
+        .into_iter()
+        .filter(|&i| i != Isa::Portable || Isa::detect() == Isa::Portable)
+        .map(|isa| {
+            let p = if isa == Isa::Amx {
+                WeightPrecision::Bf16
+            } else {
+                precision
+            };
+            let mut e = Embedder::load_with(&dir, p).expect("load the encoder");
+            e.set_isa(isa).expect("a kernel set this CPU has");
+            (isa, p, e)
+        })
+        .collect();
     let texts = [
         "hi",
         "Please translate this sentence into French — it is about the movie (request 12).",
         &"a long text about many things ".repeat(60),
     ];
     for text in texts {
-        let tokens = e.tokens(text).unwrap().len();
-        let fast = e.embed_packed(&[text]).unwrap().remove(0);
-        let slow = e.embed_reference(&[text]).unwrap().remove(0);
-        let diff = fast
-            .iter()
-            .zip(&slow)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        let runs = if tokens > 100 { 30 } else { 200 };
-        let (packed, fastest) = timed_ms(|| drop(e.embed_packed(&[text]).unwrap()), runs);
+        let e0 = &runs[0].2;
+        let tokens = e0.tokens(text).unwrap().len();
+        let slow = e0.embed_reference(&[text]).unwrap().remove(0);
+        let n = if tokens > 100 { 30 } else { 200 };
+        let mut times = vec![Vec::with_capacity(n); runs.len()];
+        for _ in 0..n {
+            for ((_, _, e), t) in runs.iter().zip(&mut times) {
+                let s = Instant::now();
+                drop(e.embed_packed(&[text]).unwrap());
+                t.push(s.elapsed().as_secs_f64() * 1e3);
+            }
+        }
         let reference = if packed_only {
             f64::NAN
         } else {
-            median_ms(|| drop(e.embed_reference(&[text]).unwrap()), runs / 4)
+            median_ms(|| drop(e0.embed_reference(&[text]).unwrap()), n / 4)
         };
-        println!(
-            "{tokens:4} tokens: packed {packed:7.3} ms (fastest {fastest:.3}), candle {reference:7.3} ms, max |diff| {diff:.2e}"
-        );
-    }
-    if packed_only {
-        return;
-    }
-    let batch: Vec<String> = (0..64)
-        .map(|i| format!("Please summarize article number {i} in one sentence for me."))
-        .collect();
-    let batch: Vec<&str> = batch.iter().map(String::as_str).collect();
-    for n in [2usize, 4, 8, 16, 64] {
-        let packed = median_ms(|| drop(e.embed_packed(&batch[..n]).unwrap()), 5);
-        let reference = median_ms(|| drop(e.embed_reference(&batch[..n]).unwrap()), 5);
-        println!("batch of {n:2}: packed {packed:7.2} ms, candle {reference:7.2} ms");
+        for ((isa, p, e), mut t) in runs.iter().zip(times) {
+            let fast = e.embed_packed(&[text]).unwrap().remove(0);
+            let diff = fast
+                .iter()
+                .zip(&slow)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            t.sort_by(f64::total_cmp);
+            let (packed, fastest) = (t[t.len() / 2], t[0]);
+            println!(
+                "{tokens:4} tokens: {isa:?} {p:?} {packed:7.3} ms (fastest {fastest:.3}), candle {reference:7.3} ms, max |diff| {diff:.2e}"
+            );
+        }
     }
 }

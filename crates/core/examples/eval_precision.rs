@@ -30,6 +30,7 @@ fn main() {
         WeightPrecision::F32,
         WeightPrecision::F16,
         WeightPrecision::Int8,
+        WeightPrecision::Bf16,
     ] {
         let e = Embedder::load_with(&dir, precision).expect("load the encoder");
         let t = std::time::Instant::now();

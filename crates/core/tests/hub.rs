@@ -755,7 +755,12 @@ fn update_follows_new_commits_offline_installs_from_the_cache_and_pull_fetches_m
     assert!(pulled.files.contains(&"1_Pooling/config.json".to_string()));
     let (id_a, _) = ramole_core::embed::Embedder::identify(&pulled.path).unwrap();
     assert!(id_a.starts_with("all-MiniLM-L6-v2:384:"), "{id_a}");
-    let e = ramole_core::embed::Embedder::load(&pulled.path).unwrap();
+    // f32 weights: the published values to 1e-5 (the default's bf16 or f16 differ by more).
+    let e = ramole_core::embed::Embedder::load_with(
+        &pulled.path,
+        ramole_core::embed::WeightPrecision::F32,
+    )
+    .unwrap();
     let v = e.embed(&["This is an example sentence"]).unwrap();
     assert!((v[0][0] - 0.0676568).abs() < 1e-5);
     // A GGUF repository needs --file; a wrong limit refuses it.

@@ -8,6 +8,7 @@
 //! for one sequence at a time that a query's latency depends on.
 
 mod activation;
+mod amx;
 mod gemm;
 mod packed;
 
@@ -17,19 +18,43 @@ use candle_core::{D, DType, Device, Tensor};
 use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
 
 use crate::model::{ModelError, WeightStore};
+pub use gemm::Isa;
 pub use gemm::Precision as WeightPrecision;
-use gemm::{Isa, PackedMatrix, Precision};
+use gemm::{PackedMatrix, Precision};
 use packed::{NormParams, PackedEncoder, PackedLayer, Tables};
 
 /// Tokens kept per text: reproduces the paper's retrieval figures with MiniLM.
 pub const MAX_TOKENS: usize = 256;
 
-/// How [`Embedder::load`] stores the packed path's weights (the query path). f16: the paper's
-/// retrieval benchmark scores exactly as with f32 (flan-mixed top-1/3/5/8, both scorings) and
-/// a ~20-token query embeds ~20% faster. Int8 is faster only for very short texts (the
-/// kernel widens every weight in every row tile, so at ~20 tokens it is compute-bound, like
-/// f16) and costs ~0.2 points of top-1, so it stays opt-in.
-pub const DEFAULT_PRECISION: WeightPrecision = WeightPrecision::F16;
+/// The largest difference of any component of a packed-path embedding from the f32 reference
+/// at `precision`, as the tests hold it (observed: f16 ~2e-4, bf16 ~1.5e-3, int8 ~2e-2).
+pub fn packed_tolerance(precision: WeightPrecision) -> f32 {
+    match precision {
+        WeightPrecision::F32 => 1e-5,
+        WeightPrecision::F16 => 5e-4,
+        WeightPrecision::Bf16 => 4e-3,
+        WeightPrecision::Int8 => 5e-2,
+    }
+}
+
+/// How [`Embedder::load`] stores the packed path's weights (the query path) on this CPU.
+///
+/// With AMX tiles, bf16 (weights and activations rounded to bf16, f32 sums): a ~20-token query
+/// embeds ~1.5× faster than f16 on AVX-512, and the paper's retrieval benchmark (flan-mixed,
+/// 2,395 inputs) moves by at most 2 inputs: cosine top-1/3/5/8 64.05 / 84.97 / 90.06 / 93.82
+/// against f32's 64.05 / 84.97 / 90.06 / 93.86, ip 51.11 / 72.82 / 80.88 / 87.06 against
+/// 51.19 / 72.90 / 80.79 / 87.10 (`cargo run --release -p ramole-core --example
+/// eval_precision`). Elsewhere f16: it scores exactly as f32 and a ~20-token query embeds ~20%
+/// faster. Int8 is faster only for very short texts (the kernel widens every weight in every
+/// row tile, so at ~20 tokens it is compute-bound, like f16) and costs ~0.2 points of top-1,
+/// so it stays opt-in.
+pub fn default_precision() -> WeightPrecision {
+    if Isa::detect() == Isa::Amx {
+        WeightPrecision::Bf16
+    } else {
+        WeightPrecision::F16
+    }
+}
 
 /// Up to this many texts, [`Embedder::embed`] runs the packed path text by text; larger
 /// batches go through candle's batched GEMMs.
@@ -46,6 +71,8 @@ pub enum EmbedError {
     },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
 }
 
 impl From<candle_core::Error> for EmbedError {
@@ -215,12 +242,13 @@ pub(crate) fn tensor_prefix(st: &WeightStore) -> &'static str {
 impl Embedder {
     /// Loads a sentence-transformers folder (config.json, model.safetensors, tokenizer.json).
     pub fn load(dir: &Path) -> Result<Self> {
-        Self::load_with(dir, DEFAULT_PRECISION)
+        Self::load_with(dir, default_precision())
     }
 
     /// [`Embedder::load`] with the packed path's weights stored at `precision`. F16 halves the
     /// weight bytes streamed per text and moves embeddings by up to ~2e-4 from the f32
-    /// reference (the tests allow 5e-4); Int8 (per-output-channel scales, f32 activations)
+    /// reference (the tests allow 5e-4); Bf16 (activations rounded too: AMX's products) by up to
+    /// ~1.5e-3 (the tests allow 4e-3); Int8 (per-output-channel scales, f32 activations)
     /// quarters them and moves embeddings by up to ~2e-2 (cosine to the reference > 0.995).
     /// Only the packed path (few texts: queries) uses them; the candle path (batches:
     /// adapter profiles) stays f32.
@@ -400,6 +428,24 @@ impl Embedder {
         self.dims
     }
 
+    /// The kernels the packed path runs (the fastest this CPU has, unless set).
+    pub fn isa(&self) -> Isa {
+        self.packed.isa
+    }
+
+    /// Runs the packed path on `isa`'s kernels: benchmarks compare them side by side. Refused
+    /// when this CPU lacks them.
+    pub fn set_isa(&mut self, isa: Isa) -> Result<()> {
+        if !Isa::available().contains(&isa) {
+            return Err(EmbedError::Unsupported(format!(
+                "kernels {isa:?}: this CPU runs only {:?}",
+                Isa::available()
+            )));
+        }
+        self.packed.isa = isa;
+        Ok(())
+    }
+
     /// Token ids of `text` as the encoder sees them ([CLS] .. [SEP], at most 256).
     pub fn tokens(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
@@ -524,9 +570,10 @@ pub(crate) fn mean_pool_unit(x: &Tensor, mask: &Tensor) -> candle_core::Result<T
 mod tests {
     use super::*;
 
-    /// The portable kernels (what a CPU without AVX2 runs) against the candle reference.
+    /// Every kernel set this CPU has (AVX-512, AVX2, and the portable one a CPU without AVX2
+    /// runs) against the candle reference.
     #[test]
-    fn the_portable_packed_path_matches_the_reference() {
+    fn every_kernel_set_of_the_packed_path_matches_the_reference() {
         let dir = crate::config::minilm_dir();
         if !dir.join("model.safetensors").exists() {
             panic!(
@@ -535,7 +582,6 @@ mod tests {
             );
         }
         let mut e = Embedder::load_with(&dir, Precision::F32).unwrap();
-        e.packed.isa = Isa::Portable;
         let long = "a portable kernel check with some words ".repeat(8);
         let texts = [
             "",
@@ -544,14 +590,18 @@ mod tests {
             &long,
         ];
         let reference = e.embed_reference(&texts).unwrap();
-        for (text, r) in texts.iter().zip(&reference) {
-            let p = e.embed_packed(&[text]).unwrap().remove(0);
-            let diff = r
-                .iter()
-                .zip(&p)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(diff <= 1e-5, "{text:?}: max |diff| {diff}");
+        for isa in Isa::available() {
+            e.set_isa(isa).unwrap();
+            for (text, r) in texts.iter().zip(&reference) {
+                let p = e.embed_packed(&[text]).unwrap().remove(0);
+                let diff = r
+                    .iter()
+                    .zip(&p)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(diff <= 1e-5, "{isa:?} {text:?}: max |diff| {diff}");
+            }
         }
+        assert_eq!(*Isa::available().last().unwrap(), Isa::Portable);
     }
 }

@@ -212,11 +212,11 @@ fn softmax_scaled(isa: Isa, row: &mut [f32], scale: f32) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => {
-            // SAFETY: `Isa::Avx2Fma` is only chosen after detecting AVX2 and FMA.
+        Isa::Amx | Isa::Avx512 | Isa::Avx2Fma => {
+            // SAFETY: these are only chosen after detecting AVX2 and FMA.
             unsafe { exp_shifted_avx2(row, max, scale) }
         }
-        _ => {
+        Isa::Portable => {
             for v in row.iter_mut() {
                 *v = ((*v - max) * scale).exp();
             }
