@@ -63,18 +63,10 @@ impl Isa {
 
     /// Every kernel set this CPU can run, fastest first (the tests compare them all).
     pub fn available() -> Vec<Isa> {
-        let mut v = Vec::new();
-        if Isa::detect() == Isa::Amx {
-            v.push(Isa::Amx);
-        }
-        if matches!(Isa::detect(), Isa::Amx | Isa::Avx512) {
-            v.push(Isa::Avx512);
-        }
-        if Isa::detect() != Isa::Portable {
-            v.push(Isa::Avx2Fma);
-        }
-        v.push(Isa::Portable);
-        v
+        // Each set can run what the ones after it run.
+        let all = [Isa::Amx, Isa::Avx512, Isa::Avx2Fma, Isa::Portable];
+        let best = Isa::detect();
+        all.into_iter().skip_while(|&i| i != best).collect()
     }
 
     /// Whether the AVX2 element-wise kernels (softmax, GELU) may run.
@@ -402,11 +394,11 @@ pub fn gemm(
     let out = SharedOut::new(c);
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Amx && w.storage() == Storage::Bf16 {
-        let (packed, lda) = pack_bf16(a, lda, m, k, w.k_pad());
+        let packed = pack_bf16(a, lda, m, k, w.k_pad());
         split_across(0..panels, parts, &|range| {
             // SAFETY: as below; `packed` holds `a` as bf16, `m` rounded up to whole tiles of
-            // rows, `lda` = `k_pad` values apart; AMX was granted (`Isa::Amx`).
-            unsafe { gemm_panels_amx(&packed, lda, m, w, epi, out.ptr(), ldc, range) }
+            // rows, `k_pad` values apart; AMX was granted (`Isa::Amx`).
+            unsafe { gemm_panels_amx(&packed, w.k_pad(), m, w, epi, out.ptr(), ldc, range) }
         });
         return;
     }
@@ -843,9 +835,9 @@ impl RowTiles {
 }
 
 /// `a` `[m, lda]` (first `k` columns) as bf16 rows `k_pad` apart, the rows rounded up to whole
-/// AMX tiles; zero past `k` and past `m`. Returns the rows and their stride.
+/// AMX tiles; zero past `k` and past `m`.
 #[cfg(target_arch = "x86_64")]
-fn pack_bf16(a: &[f32], lda: usize, m: usize, k: usize, k_pad: usize) -> (Vec<u16>, usize) {
+fn pack_bf16(a: &[f32], lda: usize, m: usize, k: usize, k_pad: usize) -> Vec<u16> {
     let m_pad = m.div_ceil(super::amx::ROWS) * super::amx::ROWS;
     let mut out = Vec::with_capacity(m_pad * k_pad);
     for i in 0..m {
@@ -853,7 +845,7 @@ fn pack_bf16(a: &[f32], lda: usize, m: usize, k: usize, k_pad: usize) -> (Vec<u1
         out.resize((i + 1) * k_pad, 0);
     }
     out.resize(m_pad * k_pad, 0);
-    (out, k_pad)
+    out
 }
 
 /// [`gemm_panels`] on AMX tiles for a [`Precision::Bf16`] weight: each step of the k loop

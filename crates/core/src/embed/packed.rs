@@ -210,16 +210,16 @@ impl PackedEncoder {
 /// `row = softmax(row · scale)`.
 fn softmax_scaled(isa: Isa, row: &mut [f32], scale: f32) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    match isa {
+    if isa.has_avx2() {
+        // (Never true off x86-64.)
         #[cfg(target_arch = "x86_64")]
-        Isa::Amx | Isa::Avx512 | Isa::Avx2Fma => {
-            // SAFETY: these are only chosen after detecting AVX2 and FMA.
-            unsafe { exp_shifted_avx2(row, max, scale) }
-        }
-        Isa::Portable => {
-            for v in row.iter_mut() {
-                *v = ((*v - max) * scale).exp();
-            }
+        // SAFETY: `has_avx2` holds only for kernel sets chosen after detecting AVX2 and FMA.
+        unsafe {
+            exp_shifted_avx2(row, max, scale)
+        };
+    } else {
+        for v in row.iter_mut() {
+            *v = ((*v - max) * scale).exp();
         }
     }
     let inv = 1.0 / lane_sum(row);
