@@ -4,6 +4,7 @@
 #[allow(dead_code)]
 pub const COMMANDS: &[&str] = &[
     "app_status",
+    "app_watch",
     "setup_models",
     "model_pull",
     "hub_search",

@@ -40,6 +40,16 @@ pub async fn app_status(state: St<'_>) -> ApiResult<AppStatus> {
     blocking(&state, |s| Ok(s.status())).await
 }
 
+/// The status now; `on_status` then hears it again whenever the engine's state changes (the
+/// model loaded, failed, or a new base started loading), instead of the UI polling.
+#[tauri::command(rename_all = "snake_case")]
+pub async fn app_watch(state: St<'_>, on_status: Channel<AppStatus>) -> ApiResult<AppStatus> {
+    blocking(&state, move |s| {
+        Ok(s.watch(Box::new(move |st| on_status.send(st.clone()).is_ok())))
+    })
+    .await
+}
+
 #[tauri::command(rename_all = "snake_case")]
 pub async fn setup_models(state: St<'_>, request: SetupRequest) -> ApiResult<AppStatus> {
     blocking(&state, move |s| s.setup(request)).await
@@ -140,7 +150,7 @@ pub async fn chats_list(state: St<'_>) -> ApiResult<Vec<ramole_core::catalog::Ch
 }
 
 #[tauri::command(rename_all = "snake_case")]
-pub async fn chat_get(state: St<'_>, id: i64) -> ApiResult<ChatDetail> {
+pub async fn chat_get(state: St<'_>, id: i64) -> ApiResult<ramole_core::transcript::Transcript> {
     blocking(&state, move |s| s.chat(id)).await
 }
 
@@ -171,7 +181,11 @@ pub async fn chat_delete(state: St<'_>, id: i64) -> ApiResult<()> {
 }
 
 #[tauri::command(rename_all = "snake_case")]
-pub async fn chat_export(state: St<'_>, id: i64, format: String) -> ApiResult<ExportResult> {
+pub async fn chat_export(
+    state: St<'_>,
+    id: i64,
+    format: String,
+) -> ApiResult<ramole_core::transcript::Exported> {
     blocking(&state, move |s| {
         let dir = dirs::download_dir()
             .filter(|d| d.is_dir())

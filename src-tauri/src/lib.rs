@@ -1,7 +1,8 @@
 //! ramole-desktop: the Tauri v2 shell over ramole-core. `state` holds the app's state and is
 //! tested without a window; `commands` are the thin Tauri wrappers; `dto` and `error` are what
-//! crosses into the UI.
+//! crosses into the UI, and `bindings` the TypeScript generated from them.
 
+pub mod bindings;
 pub mod commands;
 pub mod dto;
 pub mod error;
@@ -22,14 +23,15 @@ pub fn run() {
     // SAFETY: first thing in the process, before any other thread starts.
     unsafe { config::set_thread_count(threads) };
     let suggested = dto::Suggested {
-        base_path: Some(config::smollm2_gguf()).filter(|p| p.is_file()),
-        embedder_path: Some(config::minilm_dir()).filter(|p| p.is_dir()),
+        base_path: Some(config::starter_base()).filter(|p| p.is_file()),
+        embedder_path: Some(config::starter_embedder()).filter(|p| p.is_dir()),
     };
     let state = state::AppState::new(home, suggested, token::TokenStore::default());
     tauri::Builder::default()
         .manage(Arc::clone(&state))
         .invoke_handler(tauri::generate_handler![
             commands::app_status,
+            commands::app_watch,
             commands::setup_models,
             commands::model_pull,
             commands::hub_search,

@@ -2,30 +2,31 @@
 //! the library (catalog + index + embedder) behind a lock, the engine (loaded in the background
 //! once a base is set up), and the cancellable tasks the UI started (downloads, installs,
 //! training, chat streams). Every operation is a core call plus the conversion to a DTO; the
-//! library lock is never held while a reply generates.
+//! library lock is never held while a reply generates. Whoever watches the app (the UI's
+//! `app_watch` channel) hears the status whenever the engine's state changes, and a command
+//! waiting for a loading model wakes when it is ready: nothing polls.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ramole_core::catalog::{AdapterRecord, Sample, SampleOrigin};
+use ramole_core::catalog::AdapterRecord;
 use ramole_core::chat;
-use ramole_core::config::{self, Settings};
+use ramole_core::config::{self, SettingsEdit};
 use ramole_core::engine::{Engine, EngineConfig, JobHandle};
 use ramole_core::hub::{
     self, AdapterHit, HubCache, HubClient, Progress, ProgressEvent, PullRequest, SearchRequest,
     Sort,
 };
-use ramole_core::index::Scoring;
-use ramole_core::library::{self, Library, LibraryError};
+use ramole_core::library::{self, InstallRequest, Library, LibraryError};
 use ramole_core::model::{LoadOptions, Model};
-use ramole_core::mole::Gating;
 use ramole_core::train::{self, PromptTemplate, TrainConfig};
+use ramole_core::transcript::{ExportFormat, Exported, Transcript};
 
 use crate::dto::*;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::token::TokenStore;
 
 /// How long a command waits for a model that is still loading.
@@ -46,10 +47,16 @@ enum Task {
     Job(JobHandle),
 }
 
+/// Hears the app's status when the engine's state changes; `false` says it is gone.
+pub type Watcher = Box<dyn Fn(&AppStatus) -> bool + Send + Sync>;
+
 pub struct AppState {
     home: PathBuf,
     library: Mutex<Option<Library>>,
     engine: Mutex<EngineSlot>,
+    /// Signalled whenever `engine` changes, so a command waiting for the model wakes at once.
+    engine_changed: Condvar,
+    watchers: Mutex<Vec<Watcher>>,
     tasks: Mutex<HashMap<String, Task>>,
     /// Ids that name the active base's weights on the Hub (mirrors, quantized copies), per base.
     equivalents: Mutex<HashMap<String, Vec<String>>>,
@@ -92,6 +99,8 @@ impl AppState {
             home,
             library: Mutex::new(None),
             engine: Mutex::new(EngineSlot::Idle),
+            engine_changed: Condvar::new(),
+            watchers: Mutex::new(Vec::new()),
             tasks: Mutex::new(HashMap::new()),
             equivalents: Mutex::new(HashMap::new()),
             tokens,
@@ -103,9 +112,32 @@ impl AppState {
                 state.clone().load_engine();
             }
             Err(LibraryError::Settings(config::SettingsError::Missing { .. })) => {}
-            Err(e) => *state.engine_slot() = EngineSlot::Failed(e.to_string()),
+            Err(e) => state.set_engine(EngineSlot::Failed(e.to_string())),
         }
         state
+    }
+
+    /// Adds a watcher and returns the status it starts from; it hears every later change of the
+    /// engine's state until it answers `false`.
+    pub fn watch(&self, watcher: Watcher) -> AppStatus {
+        let status = self.status();
+        self.watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(watcher);
+        status
+    }
+
+    /// Records the engine's new state, wakes the commands waiting for it and tells the
+    /// watchers (no other lock is held while they hear it).
+    fn set_engine(&self, slot: EngineSlot) {
+        *self.engine_slot() = slot;
+        self.engine_changed.notify_all();
+        let status = self.status();
+        self.watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|w| w(&status));
     }
 
     pub fn home(&self) -> &Path {
@@ -146,7 +178,7 @@ impl AppState {
         else {
             return;
         };
-        *self.engine_slot() = EngineSlot::Loading;
+        self.set_engine(EngineSlot::Loading);
         std::thread::spawn(move || {
             let slot = match Model::load(&base, &LoadOptions::default()) {
                 Ok(model) => {
@@ -161,31 +193,37 @@ impl AppState {
                 }
                 Err(e) => EngineSlot::Failed(format!("loading {}: {e}", base.display())),
             };
-            *self.engine_slot() = slot;
+            self.set_engine(slot);
         });
     }
 
-    /// The engine, waiting while the model loads.
+    /// The engine, waiting (woken by [`AppState::set_engine`]) while the model loads.
     fn engine(&self) -> ApiResult<Arc<Engine>> {
-        let start = Instant::now();
+        let deadline = Instant::now() + ENGINE_WAIT;
+        let mut slot = self.engine_slot();
         loop {
-            match &*self.engine_slot() {
+            match &*slot {
                 EngineSlot::Ready(e) => return Ok(e.clone()),
-                EngineSlot::Failed(m) => return Err(ApiError::new("model", m.clone())),
+                EngineSlot::Failed(m) => return Err(ApiError::new(ErrorCode::Model, m.clone())),
                 EngineSlot::Idle => {
                     return Err(ApiError::not_ready(
                         "no base model is set up yet: choose one on the first-run screen",
                     ));
                 }
-                EngineSlot::Loading if start.elapsed() > ENGINE_WAIT => {
-                    return Err(ApiError::not_ready(format!(
-                        "the model is still loading after {} s",
-                        ENGINE_WAIT.as_secs()
-                    )));
-                }
                 EngineSlot::Loading => {}
             }
-            std::thread::sleep(Duration::from_millis(50));
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ApiError::not_ready(format!(
+                    "the model is still loading after {} s",
+                    ENGINE_WAIT.as_secs()
+                )));
+            }
+            slot = self
+                .engine_changed
+                .wait_timeout(slot, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -391,6 +429,7 @@ impl AppState {
         };
         let (config, weight_bytes) =
             self.with_lib(|l| Ok((l.base().config.clone(), l.base_weight_bytes())))?;
+        // The library stays unlocked while the Hub answers: a target of its own values.
         let target = hub::BaseTarget {
             id: &base_id,
             config: &config,
@@ -411,18 +450,13 @@ impl AppState {
         let installed = self.with_lib(|l| Ok(l.catalog().adapters()?))?;
         Ok(hits
             .into_iter()
-            .map(|hit| {
-                let installed_as = installed.iter().find_map(|r| match &r.source {
-                    ramole_core::catalog::AdapterSource::Hub {
-                        repo, subfolder, ..
-                    } if repo.eq_ignore_ascii_case(&hit.repo)
-                        && subfolder.as_deref() == hit.subfolder.as_deref() =>
-                    {
-                        Some(r.id.clone())
-                    }
-                    _ => None,
-                });
-                AdapterHitDto { hit, installed_as }
+            .map(|hit| AdapterHitDto {
+                installed_as: library::installed_as(
+                    &installed,
+                    &hit.repo,
+                    hit.subfolder.as_deref(),
+                ),
+                hit,
             })
             .collect())
     }
@@ -434,21 +468,20 @@ impl AppState {
         report: &(dyn Fn(&ProgressEvent) + Sync),
     ) -> ApiResult<AdapterDto> {
         let (_guard, cancel) = self.flag_task(task)?;
-        let spec = match req
-            .revision
-            .as_deref()
-            .map(str::trim)
-            .filter(|r| !r.is_empty())
-        {
-            Some(rev) => format!("{}@{rev}", req.repo.trim()),
-            None => req.repo.trim().to_string(),
-        };
-        let mut install = hub::InstallRequest::parse(&spec)?;
-        install.subfolder = req.subfolder.filter(|s| !s.trim().is_empty());
+        let install = InstallRequest::from_fields(
+            &req.repo,
+            req.revision.as_deref(),
+            req.subfolder.as_deref(),
+        )?;
         let (client, cache) = self.hub();
         self.with_lib(|lib| {
-            let rec =
-                hub::install_adapter(lib, &client, &cache, &install, &Reporter { report, cancel })?;
+            let rec = library::install_adapter(
+                lib,
+                &client,
+                &cache,
+                &install,
+                &Reporter { report, cancel },
+            )?;
             adapter_dto(lib, rec)
         })
     }
@@ -487,12 +520,6 @@ impl AppState {
     }
 
     pub fn add_local(&self, req: AddLocalRequest) -> ApiResult<AdapterDto> {
-        if !req.path.is_dir() {
-            return Err(ApiError::invalid(format!(
-                "{}: not a folder (an adapter folder holds adapter_config.json and adapter_model.safetensors)",
-                req.path.display()
-            )));
-        }
         self.with_lib(|lib| {
             let rec = lib.add_local(&req.path, None, req.name.as_deref())?;
             adapter_dto(lib, rec)
@@ -501,20 +528,7 @@ impl AppState {
 
     /// Replaces an adapter's sample prompts with `texts` (origin `user`) and re-embeds it.
     pub fn set_samples(&self, id: &str, texts: Vec<String>) -> ApiResult<AdapterDetail> {
-        let samples: Vec<Sample> = texts
-            .into_iter()
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty())
-            .map(|text| Sample {
-                text,
-                origin: SampleOrigin::User,
-            })
-            .collect();
-        if samples.is_empty() {
-            return Err(ApiError::invalid(
-                "an adapter needs at least one sample prompt: retrieval embeds them",
-            ));
-        }
+        let samples = library::user_samples(&texts)?;
         self.with_lib(|lib| {
             lib.set_samples(id, &samples)?;
             adapter_detail(lib, id)
@@ -528,18 +542,7 @@ impl AppState {
         task: &str,
         report: &mut dyn FnMut(TrainProgress),
     ) -> ApiResult<AdapterDto> {
-        let name = req.name.trim().to_string();
-        if name.is_empty()
-            || name.chars().count() > 64
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            || name.starts_with('.')
-        {
-            return Err(ApiError::invalid(format!(
-                "adapter name {name:?} must be 1..=64 letters, digits, '-', '_' or '.' (not starting with '.')"
-            )));
-        }
+        let name = train::check_adapter_name(&req.name)?;
         let template = PromptTemplate::parse(&req.template)?;
         let cfg = TrainConfig {
             rank: req.rank,
@@ -606,7 +609,7 @@ impl AppState {
         )?;
         if outcome.steps < cfg.steps {
             return Err(ApiError::new(
-                "cancelled",
+                ErrorCode::Cancelled,
                 format!(
                     "training stopped at step {} of {}; nothing was installed",
                     outcome.steps, cfg.steps
@@ -625,8 +628,8 @@ impl AppState {
         self.with_lib(|lib| Ok(lib.catalog().chats()?))
     }
 
-    pub fn chat(&self, id: i64) -> ApiResult<ChatDetail> {
-        self.with_lib(|lib| chat_detail(lib, id))
+    pub fn chat(&self, id: i64) -> ApiResult<Transcript> {
+        self.with_lib(|lib| Ok(Transcript::read(lib.catalog(), id)?))
     }
 
     pub fn rename_chat(
@@ -663,35 +666,9 @@ impl AppState {
     }
 
     /// Writes the session as JSON or Markdown into `dir` (atomically) and returns it.
-    pub fn export_chat(&self, id: i64, format: &str, dir: &Path) -> ApiResult<ExportResult> {
-        let detail = self.chat(id)?;
-        let (content, ext) = match format {
-            "json" => (
-                serde_json::to_string_pretty(&serde_json::json!({
-                    "session": detail.session, "messages": detail.messages,
-                }))
-                .expect("chat serialises"),
-                "json",
-            ),
-            "markdown" => (chat_markdown(&detail), "md"),
-            other => {
-                return Err(ApiError::invalid(format!(
-                    "export format {other:?} is not json or markdown"
-                )));
-            }
-        };
-        let slug: String = detail
-            .session
-            .title
-            .chars()
-            .map(|c| if c.is_alphanumeric() { c } else { '-' })
-            .take(40)
-            .collect();
-        let path = dir.join(format!("ramole-chat-{id}-{}.{ext}", slug.trim_matches('-')));
-        std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
-        ramole_core::files::write_atomic(&path, content.as_bytes())
-            .map_err(|e| io_error(&path, e))?;
-        Ok(ExportResult { path, content })
+    pub fn export_chat(&self, id: i64, format: &str, dir: &Path) -> ApiResult<Exported> {
+        let format: ExportFormat = format.parse()?;
+        Ok(self.chat(id)?.export(format, dir)?)
     }
 
     /// Answers a chat request, streaming its events through `emit`: the routing before any
@@ -737,10 +714,10 @@ impl AppState {
                 hub_endpoint: s.hub.endpoint.clone(),
                 hub_offline: s.hub.offline.unwrap_or(false),
                 threads: s.chat.threads,
-                k: s.retrieval.k,
-                scoring: s.retrieval.scoring.as_str().to_string(),
+                k: s.retrieval.k.get(),
+                scoring: s.retrieval.scoring.to_string(),
                 gating: s.retrieval.gating.to_string(),
-                plan: s.chat.plan.clone(),
+                plan: s.chat.plan.to_string(),
                 max_tokens: s.chat.max_tokens,
                 temperature: s.chat.temperature,
                 top_p: s.chat.top_p,
@@ -753,47 +730,23 @@ impl AppState {
     /// Saves the editable settings (validated; the file is replaced atomically) and reopens
     /// the library with them.
     pub fn set_settings(&self, new: AppSettings) -> ApiResult<AppSettings> {
-        let scoring: Scoring = new.scoring.parse().map_err(ApiError::invalid)?;
-        let gating: Gating = new
-            .gating
-            .parse()
-            .map_err(|e: ramole_core::mole::MoleError| ApiError::invalid(e.to_string()))?;
-        if new.k == 0 || new.k > config::MAX_K {
-            return Err(ApiError::invalid(format!(
-                "k = {} must be within 1..={}",
-                new.k,
-                config::MAX_K
-            )));
-        }
-        let endpoint = new
-            .hub_endpoint
-            .map(|e| e.trim().trim_end_matches('/').to_string())
-            .filter(|e| !e.is_empty());
-        if let Some(e) = &endpoint
-            && !(e.starts_with("http://") || e.starts_with("https://"))
-        {
-            return Err(ApiError::invalid(format!(
-                "Hub endpoint {e:?} must start with http:// or https://"
-            )));
-        }
-        let chat = config::ChatDefaults {
-            plan: new.plan.clone(),
-            max_tokens: new.max_tokens,
-            temperature: new.temperature,
-            top_p: new.top_p,
-            threads: new.threads,
+        let edit = SettingsEdit {
+            k: Some(new.k),
+            scoring: Some(new.scoring),
+            gating: Some(new.gating),
+            plan: Some(new.plan),
+            max_tokens: Some(new.max_tokens),
+            temperature: Some(new.temperature),
+            top_p: Some(new.top_p),
+            threads: Some(new.threads),
+            hub_endpoint: Some(new.hub_endpoint),
+            hub_offline: Some(new.hub_offline),
         };
-        chat.check().map_err(ApiError::invalid)?;
         let next = new
             .data_dir_next
             .filter(|d| !d.as_os_str().is_empty() && *d != self.home);
-        if let Some(d) = &next
-            && !d.is_absolute()
-        {
-            return Err(ApiError::invalid(format!(
-                "data folder {} must be an absolute path",
-                d.display()
-            )));
+        if let Some(d) = &next {
+            config::check_data_dir(d)?;
         }
         {
             let mut slot = self.lib_slot();
@@ -802,20 +755,14 @@ impl AppState {
                     "no base model is set up yet: choose one on the first-run screen",
                 ));
             };
-            let mut s: Settings = lib.settings().clone();
-            s.retrieval.k = new.k;
-            s.retrieval.scoring = scoring;
-            s.retrieval.gating = gating;
-            s.chat = chat;
-            s.hub.endpoint = endpoint;
-            s.hub.offline = new.hub_offline.then_some(true);
+            let s = lib.settings().edited(&edit)?;
             s.save(&self.home)?;
             *slot = None;
             *slot = Some(Library::open(&self.home)?);
         }
         config::set_desktop_data_dir(next.as_deref()).map_err(|e| {
             ApiError::new(
-                "io",
+                ErrorCode::Io,
                 format!("{}: {e}", config::desktop_pointer_path().display()),
             )
         })?;
@@ -829,7 +776,7 @@ impl AppState {
 }
 
 fn io_error(path: &Path, e: std::io::Error) -> ApiError {
-    ApiError::new("io", format!("{}: {e}", path.display()))
+    ApiError::new(ErrorCode::Io, format!("{}: {e}", path.display()))
 }
 
 fn adapter_dto(lib: &Library, record: AdapterRecord) -> ApiResult<AdapterDto> {
@@ -847,61 +794,4 @@ fn adapter_detail(lib: &Library, id: &str) -> ApiResult<AdapterDetail> {
         },
         sample_list,
     })
-}
-
-fn chat_detail(lib: &Library, id: i64) -> ApiResult<ChatDetail> {
-    let session = lib.catalog().require_chat(id)?;
-    let messages = lib
-        .catalog()
-        .messages(id)?
-        .into_iter()
-        .map(|m| {
-            let provenance = if m.role == "assistant" {
-                lib.catalog().provenance(m.id)?
-            } else {
-                None
-            };
-            Ok(MessageDto {
-                id: m.id,
-                role: m.role,
-                content: m.content,
-                created_at: m.created_at,
-                provenance,
-            })
-        })
-        .collect::<ApiResult<_>>()?;
-    Ok(ChatDetail { session, messages })
-}
-
-/// A session as Markdown: each reply followed by the adapters and gates that served it.
-fn chat_markdown(d: &ChatDetail) -> String {
-    let mut out = format!("# {}\n\n", d.session.title);
-    if let Some(sys) = d.session.system_prompt.as_deref() {
-        out.push_str(&format!("> System: {}\n\n", sys.replace('\n', "\n> ")));
-    }
-    for m in &d.messages {
-        let who = if m.role == "user" { "You" } else { "Assistant" };
-        out.push_str(&format!(
-            "**{who}** ({})\n\n{}\n\n",
-            m.created_at,
-            m.content.trim()
-        ));
-        if let Some(p) = &m.provenance {
-            let served: Vec<String> = p
-                .adapters
-                .iter()
-                .map(|a| format!("{} {:.1}%", a.id, a.gate * 100.0))
-                .collect();
-            out.push_str(&format!(
-                "_plan {}, {}_\n\n",
-                p.plan,
-                if served.is_empty() {
-                    "base model only".to_string()
-                } else {
-                    served.join(", ")
-                }
-            ));
-        }
-    }
-    out
 }

@@ -73,7 +73,7 @@ impl TokenStore {
 
 fn unavailable(e: &keyring::Error) -> ApiError {
     ApiError::new(
-        "keyring",
+        crate::error::ErrorCode::Keyring,
         format!(
             "the system keyring is not available ({e}); the token was not stored — start a Secret Service (GNOME Keyring, KeePassXC) or set HF_TOKEN"
         ),

@@ -1,20 +1,16 @@
 //! `ramole hub search | info`, `ramole adapter install | update`, `ramole model pull`: the Hub
 //! over the library in `$RAMOLE_HOME`, with a progress bar on a terminal.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
-use clap::Subcommand;
-use indicatif::{ProgressBar, ProgressStyle};
+use clap::{Args, Subcommand};
 use ramole_core::config::{self, Settings};
-use ramole_core::hub::{
-    self, HubCache, HubClient, InstallRequest, ModelCard, Progress, ProgressEvent, PullRequest,
-    SearchRequest, Sort, Stage, UpdateOutcome,
-};
-use ramole_core::library::{self, Library};
+use ramole_core::hub::{self, ModelCard, PullRequest, SearchRequest, Sort};
+use ramole_core::library::{self, InstallRequest, UpdateOutcome};
 use serde_json::json;
+
+use crate::common::{TerminalProgress, adapter_json, client_for, open};
 
 #[derive(Subcommand)]
 pub(crate) enum HubCommand {
@@ -82,62 +78,6 @@ pub(crate) enum ModelCommand {
     },
 }
 
-/// A progress bar on stderr when it is a terminal; nothing otherwise.
-struct TerminalProgress {
-    bar: Option<Mutex<(ProgressBar, String)>>,
-}
-
-impl TerminalProgress {
-    fn new(enabled: bool) -> Self {
-        let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
-            let b = ProgressBar::new(0);
-            b.set_style(
-                ProgressStyle::with_template(
-                    "{msg:32!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
-            );
-            Mutex::new((b, String::new()))
-        });
-        Self { bar }
-    }
-
-    fn finish(&self) {
-        if let Some(b) = &self.bar {
-            b.lock().expect("progress lock").0.finish_and_clear();
-        }
-    }
-}
-
-impl Progress for TerminalProgress {
-    fn report(&self, e: &ProgressEvent) {
-        let Some(b) = &self.bar else { return };
-        let mut g = b.lock().expect("progress lock");
-        let (bar, file) = &mut *g;
-        match e.stage {
-            Stage::Download => {
-                if *file != e.file {
-                    *file = e.file.clone();
-                    bar.set_message(e.file.clone());
-                    bar.set_length(e.total);
-                }
-                bar.set_position(e.done);
-            }
-            s => bar.set_message(format!("{s:?}").to_lowercase()),
-        }
-    }
-}
-
-fn client_for(settings: Option<&Settings>) -> (HubClient, HubCache) {
-    let cfg = config::hub_config(&settings.map(|s| s.hub.clone()).unwrap_or_default());
-    (HubClient::new(&cfg), HubCache::new(cfg.cache_dir.clone()))
-}
-
-fn open() -> Result<Library> {
-    crate::library::open()
-}
-
 pub(crate) fn run_hub(cmd: HubCommand) -> Result<()> {
     match cmd {
         HubCommand::Search {
@@ -162,7 +102,7 @@ pub(crate) fn run_hub(cmd: HubCommand) -> Result<()> {
             };
             let target = hub::BaseTarget {
                 id: &base_id,
-                ..hub::BaseTarget::active(&lib, &equivalents)
+                ..lib.base_target(&equivalents)
             };
             let req = SearchRequest {
                 base_id: base_id.clone(),
@@ -261,7 +201,7 @@ pub(crate) fn run_hub(cmd: HubCommand) -> Result<()> {
                         .any(|s| s.rfilename.ends_with("adapter_config.json")) =>
                 {
                     let ids = [lib.settings().base_id.clone()];
-                    let target = hub::BaseTarget::active(lib, &ids);
+                    let target = lib.base_target(&ids);
                     Some(hub::judge_listing(&client, &info, &target)?)
                 }
                 _ => None,
@@ -302,25 +242,49 @@ pub(crate) fn run_hub(cmd: HubCommand) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn run_install(
-    spec: &str,
+/// `ramole adapter install <org/name[@revision]>`.
+#[derive(Args)]
+pub(crate) struct InstallArgs {
+    repo: String,
+    /// The folder of the adapter inside the repository (default: found from the files).
+    #[arg(long)]
     subfolder: Option<String>,
+    #[arg(long)]
     name: Option<String>,
+    /// Refuse weights larger than this many bytes.
+    #[arg(long, default_value_t = ramole_core::hub::DEFAULT_MAX_FILE_BYTES)]
     max_bytes: u64,
+    #[arg(long)]
     json: bool,
-) -> Result<()> {
+}
+
+/// `ramole adapter update <id>... | --all [--check]`.
+#[derive(Args)]
+pub(crate) struct UpdateArgs {
+    ids: Vec<String>,
+    /// Every adapter installed from the Hub.
+    #[arg(long)]
+    all: bool,
+    /// Report newer commits without installing them.
+    #[arg(long)]
+    check: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn run_install(a: InstallArgs) -> Result<()> {
     let mut lib = open()?;
     let (client, cache) = client_for(Some(lib.settings()));
-    let mut req = InstallRequest::parse(spec)?;
-    req.subfolder = subfolder;
-    req.name = name;
-    req.max_bytes = max_bytes;
-    let progress = TerminalProgress::new(!json);
-    let rec = hub::install_adapter(&mut lib, &client, &cache, &req, &progress);
+    let mut req = InstallRequest::parse(&a.repo)?;
+    req.subfolder = a.subfolder;
+    req.name = a.name;
+    req.max_bytes = a.max_bytes;
+    let progress = TerminalProgress::new(!a.json);
+    let rec = library::install_adapter(&mut lib, &client, &cache, &req, &progress);
     progress.finish();
-    let rec = rec.with_context(|| format!("installing {spec}"))?;
-    if json {
-        println!("{}", crate::library::adapter_json(&lib, &rec, true)?);
+    let rec = rec.with_context(|| format!("installing {}", a.repo))?;
+    if a.json {
+        println!("{}", adapter_json(&lib, &rec, true)?);
     } else {
         println!("installed {} ({})", rec.id, rec.verdict.compat.as_str());
         if !rec.verdict.reason.is_empty() {
@@ -331,7 +295,13 @@ pub(crate) fn run_install(
 }
 
 /// `adapter update <id>... | --all [--check]`: one outcome per adapter (a JSON list).
-pub(crate) fn run_update(ids: Vec<String>, all: bool, check: bool, json: bool) -> Result<()> {
+pub(crate) fn run_update(a: UpdateArgs) -> Result<()> {
+    let UpdateArgs {
+        ids,
+        all,
+        check,
+        json,
+    } = a;
     let mut lib = open()?;
     let (client, cache) = client_for(Some(lib.settings()));
     let ids: Vec<String> = if all {
@@ -349,10 +319,10 @@ pub(crate) fn run_update(ids: Vec<String>, all: bool, check: bool, json: bool) -
     let mut outcomes = Vec::new();
     for id in &ids {
         let out = if check {
-            hub::check_update(&lib, &client, id)
+            library::check_update(&lib, &client, id)
         } else {
             let progress = TerminalProgress::new(!json);
-            let out = hub::update_adapter(&mut lib, &client, &cache, id, &progress);
+            let out = library::update_adapter(&mut lib, &client, &cache, id, &progress);
             progress.finish();
             out
         };

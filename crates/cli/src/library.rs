@@ -1,26 +1,19 @@
-//! `ramole init | adapter ... | retrieve | chat | session ... | eval retrieval`: the library,
-//! retrieval and chat over the state in `$RAMOLE_HOME`, and retrieval accuracy on the paper's
-//! data (split into trained and unseen tasks for a fine-tuned encoder).
+//! `ramole init | adapter add, list, show, ... | retrieve | session ... | settings`: the library,
+//! retrieval, stored sessions and settings over the state in `$RAMOLE_HOME`.
 
-use std::collections::HashSet;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use ramole_core::catalog::{AdapterRecord, SampleOrigin};
-use ramole_core::chat::{self, ChatRequest, PlanChoice};
-use ramole_core::config;
+use ramole_core::catalog::SampleOrigin;
+use ramole_core::config::{self, SettingsEdit};
 use ramole_core::embed::Embedder;
-use ramole_core::engine::{Engine, EngineConfig};
-use ramole_core::index::Scoring;
-use ramole_core::library::{self, Library};
-use ramole_core::model::{LoadOptions, Model};
-use ramole_core::mole::Gating;
-use ramole_core::retrieve::{self, TaskProfile, TestInput};
-use ramole_core::serve::{self, ServeState};
-use ramole_core::train::retriever;
+use ramole_core::library;
+use ramole_core::transcript::{ExportFormat, Transcript};
+use ramole_core::vocab::TopK;
 use serde_json::json;
+
+use crate::common::{adapter_json, open, parse_gating};
 
 #[derive(Args)]
 pub(crate) struct InitArgs {
@@ -35,7 +28,7 @@ pub(crate) struct InitArgs {
     base_id: Option<String>,
     /// Adapters retrieved per message (default 3, or as set before).
     #[arg(short, long)]
-    k: Option<usize>,
+    k: Option<TopK>,
     /// cosine (default) | ip (the paper's inner product with the raw mean).
     #[arg(long)]
     scoring: Option<String>,
@@ -77,40 +70,12 @@ pub(crate) enum AdapterCommand {
     Disable { id: String },
     /// Delete the adapter's files and records.
     Remove { id: String },
-    /// Install an adapter from the Hugging Face Hub: `org/name[@revision]`.
-    Install {
-        repo: String,
-        /// The folder of the adapter inside the repository (default: found from the files).
-        #[arg(long)]
-        subfolder: Option<String>,
-        #[arg(long)]
-        name: Option<String>,
-        /// Refuse weights larger than this many bytes.
-        #[arg(long, default_value_t = ramole_core::hub::DEFAULT_MAX_FILE_BYTES)]
-        max_bytes: u64,
-        #[arg(long)]
-        json: bool,
-    },
     /// Show an adapter's sample inputs, or replace them (`--set`, origin `user`) and re-embed.
     Samples {
         id: String,
         /// JSON lines with `input`/`inputs`.
         #[arg(long)]
         set: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Train a new LoRA adapter from examples (JSON lines with input and target).
-    Train(crate::train::TrainArgs),
-    /// Update Hub adapters to the newest commit of their revision (`--check`: only report).
-    Update {
-        ids: Vec<String>,
-        /// Every adapter installed from the Hub.
-        #[arg(long)]
-        all: bool,
-        /// Report newer commits without installing them.
-        #[arg(long)]
-        check: bool,
         #[arg(long)]
         json: bool,
     },
@@ -121,7 +86,7 @@ pub(crate) struct RetrieveArgs {
     #[arg(long)]
     text: String,
     #[arg(short, long)]
-    k: Option<usize>,
+    k: Option<TopK>,
     /// uniform | softmax | softmax:<temperature> (default: settings).
     #[arg(long)]
     gating: Option<String>,
@@ -130,50 +95,6 @@ pub(crate) struct RetrieveArgs {
     exclude: Vec<String>,
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Args)]
-pub(crate) struct ChatArgs {
-    /// The user message.
-    #[arg(long)]
-    text: String,
-    #[arg(short, long)]
-    k: Option<usize>,
-    /// auto | selection | mixture | fusion | router | none (auto: router when the base has one, else mixture).
-    #[arg(long, default_value = "auto")]
-    plan: String,
-    /// uniform | softmax | softmax:<temperature> (default: settings).
-    #[arg(long)]
-    gating: Option<String>,
-    /// Continue this session (default: start a new one).
-    #[arg(long)]
-    session: Option<i64>,
-    /// System prompt of a new session.
-    #[arg(long, conflicts_with = "session")]
-    system: Option<String>,
-    /// Adapter ids never to retrieve (repeatable).
-    #[arg(long)]
-    exclude: Vec<String>,
-    #[command(flatten)]
-    sampling: crate::SamplingArgs,
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Args)]
-pub(crate) struct ServeArgs {
-    /// Address to listen on; anything but loopback exposes the API to the network.
-    #[arg(long, default_value = "127.0.0.1")]
-    host: std::net::IpAddr,
-    /// 0 picks a free port (printed on start).
-    #[arg(long, default_value_t = 8080)]
-    port: u16,
-    /// Requests decoded together in one batch.
-    #[arg(long, default_value_t = 8)]
-    max_rows: usize,
-    /// Requests that may wait beyond the running ones before the server answers 503.
-    #[arg(long, default_value_t = 64)]
-    queue: usize,
 }
 
 #[derive(Subcommand)]
@@ -191,54 +112,48 @@ pub(crate) enum SessionCommand {
     },
     /// Delete a session and its messages.
     Delete { id: i64 },
+    /// Write a session as a JSON or Markdown document (each reply with its plan, adapters and
+    /// gates) into a folder.
+    Export {
+        id: i64,
+        /// json | markdown.
+        #[arg(long, default_value = "markdown")]
+        format: ExportFormat,
+        /// The folder to write into (default: the current one).
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
-#[derive(Subcommand)]
-pub(crate) enum EvalCommand {
-    /// Retrieval accuracy on the paper's data format (flan-mixed): top-k overall and per domain.
-    Retrieval(EvalRetrievalArgs),
-    /// The paper's mixed-task benchmark on task adapters (Table 1): one plan, IID or OOD.
-    Tasks(crate::tasks_eval::EvalTasksArgs),
-}
-
+/// `ramole settings [--k N] [--plan P] ...`: every value checked as the app's Settings form does.
 #[derive(Args)]
-pub(crate) struct EvalRetrievalArgs {
-    /// `profiles-*.json`: one entry per task with its sample inputs.
+pub(crate) struct SettingsArgs {
+    /// Adapters retrieved per message.
+    #[arg(short, long)]
+    k: Option<usize>,
+    /// cosine | ip.
     #[arg(long)]
-    profiles: PathBuf,
-    /// `test-*.json`: inputs with their task.
+    scoring: Option<String>,
+    /// uniform | softmax | softmax:<temperature>.
     #[arg(long)]
-    test: PathBuf,
-    /// Comma-separated k values.
-    #[arg(long, default_value = "1,3,5,8")]
-    k: String,
-    #[arg(long, default_value = "cosine")]
-    scoring: String,
-    /// Mask each input's own task (the paper's k+1 rule); a hit is then a task of the same domain.
+    gating: Option<String>,
+    /// The app's default plan: auto | selection | mixture | fusion | router | none.
     #[arg(long)]
-    ood: bool,
-    /// Sentence encoder folder (default: the library's, else the test MiniLM).
+    plan: Option<String>,
+    /// The app's default reply length, temperature and top-p.
     #[arg(long)]
-    embedder: Option<PathBuf>,
-    /// The tasks an encoder was fine-tuned on (one per line): also report those tasks' inputs
-    /// (`trained`) and the other tasks' (`unseen`) apart.
+    max_tokens: Option<usize>,
     #[arg(long)]
-    tasks: Option<PathBuf>,
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Compute threads of the app (0 = all cores; next start).
+    #[arg(long)]
+    threads: Option<usize>,
     #[arg(long)]
     json: bool,
-}
-
-pub(crate) fn open() -> Result<Library> {
-    let dir = config::data_dir();
-    let lib = Library::open(&dir).with_context(|| format!("opening {}", dir.display()))?;
-    for r in &lib.repairs {
-        eprintln!("ramole: repaired: {r}");
-    }
-    Ok(lib)
-}
-
-fn parse_gating(g: &Option<String>) -> Result<Option<Gating>> {
-    Ok(g.as_deref().map(str::parse).transpose()?)
 }
 
 pub(crate) fn run_init(a: InitArgs) -> Result<()> {
@@ -275,46 +190,9 @@ pub(crate) fn run_init(a: InitArgs) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn adapter_json(
-    lib: &Library,
-    rec: &AdapterRecord,
-    with_samples: bool,
-) -> Result<serde_json::Value> {
-    let mut v = serde_json::to_value(rec)?;
-    v["path"] = json!(lib.adapter_dir(&rec.id));
-    let samples = lib.catalog().samples(rec.key)?;
-    v["sample_count"] = json!(samples.len());
-    if with_samples {
-        v["samples"] = serde_json::to_value(&samples)?;
-    }
-    Ok(v)
-}
-
 pub(crate) fn run_adapter(cmd: AdapterCommand) -> Result<()> {
-    match cmd {
-        AdapterCommand::Install {
-            repo,
-            subfolder,
-            name,
-            max_bytes,
-            json,
-        } => return crate::hub::run_install(&repo, subfolder, name, max_bytes, json),
-        AdapterCommand::Update {
-            ids,
-            all,
-            check,
-            json,
-        } => return crate::hub::run_update(ids, all, check, json),
-        AdapterCommand::Train(a) => return crate::train::run_train(a),
-        _ => {}
-    }
     let mut lib = open()?;
     match cmd {
-        AdapterCommand::Install { .. }
-        | AdapterCommand::Update { .. }
-        | AdapterCommand::Train(_) => {
-            unreachable!("handled above")
-        }
         AdapterCommand::Add {
             dir,
             samples,
@@ -426,107 +304,6 @@ pub(crate) fn run_retrieve(a: RetrieveArgs) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn run_chat(a: ChatArgs) -> Result<()> {
-    let mut lib = open()?;
-    let plan: PlanChoice = a.plan.parse()?;
-    let base = lib.settings().base_path.clone();
-    let model = Model::load(&base, &LoadOptions::default())
-        .with_context(|| format!("loading {}", base.display()))?;
-    let engine = Engine::start(std::sync::Arc::new(model), EngineConfig::default());
-    engine.set_router(lib.load_router()?);
-    let req = ChatRequest {
-        session: a.session,
-        text: a.text.clone(),
-        k: a.k,
-        plan,
-        gating: parse_gating(&a.gating)?,
-        exclude: a.exclude.clone(),
-        system_prompt: a.system.clone(),
-        params: a.sampling.params(Vec::new()),
-        pinned: Vec::new(),
-        action: chat::ChatAction::Send,
-    };
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let stream = !a.json;
-    let mut on_text = |piece: &str| {
-        if stream {
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
-        }
-    };
-    let reply = chat::send(&mut lib, &engine, &req, &mut on_text)?;
-    if a.json {
-        writeln!(
-            out,
-            "{}",
-            json!({"reply": reply.reply, "session": reply.session, "message": reply.message,
-                   "finish_reason": reply.finish_reason, "provenance": reply.provenance,
-                   "dropped_messages": reply.dropped_messages})
-        )?;
-    } else {
-        writeln!(out)?;
-        let p = &reply.provenance;
-        let served: Vec<String> = p
-            .adapters
-            .iter()
-            .map(|s| {
-                format!(
-                    "{} (gate {:.3}, score {:.3})",
-                    s.id,
-                    s.gate,
-                    s.score.unwrap_or(f32::NAN)
-                )
-            })
-            .collect();
-        eprintln!(
-            "[session {} · plan {} · {}]",
-            reply.session,
-            p.plan,
-            if served.is_empty() {
-                "no adapters".to_string()
-            } else {
-                served.join(", ")
-            }
-        );
-    }
-    Ok(())
-}
-
-pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
-    if a.max_rows == 0 || a.max_rows > 64 {
-        bail!("--max-rows {} must be between 1 and 64", a.max_rows);
-    }
-    let lib = open()?;
-    let base = lib.settings().base_path.clone();
-    let model = Model::load(&base, &LoadOptions::default())
-        .with_context(|| format!("loading {}", base.display()))?;
-    let engine = Engine::start(
-        std::sync::Arc::new(model),
-        EngineConfig {
-            max_rows: a.max_rows,
-            queue: a.queue.max(1),
-            ..EngineConfig::default()
-        },
-    );
-    engine.set_router(lib.load_router()?);
-    let state = std::sync::Arc::new(ServeState::new(std::sync::Arc::new(engine), lib));
-    let addr = std::net::SocketAddr::new(a.host, a.port);
-    if !serve::is_loopback(&addr) {
-        eprintln!(
-            "ramole: warning: listening on {addr} exposes the API (no authentication) to the network"
-        );
-    }
-    let model_id = state.model_id().to_string();
-    serve::serve_blocking(addr, state, |bound| {
-        // The first line of stdout: scripts and tests read the bound port from it.
-        println!("listening on http://{bound}");
-        eprintln!("ramole: serving {model_id} at http://{bound}/v1 (Ctrl-C stops)");
-        let _ = std::io::stdout().flush();
-    })
-    .with_context(|| format!("serving on {addr}"))
-}
-
 pub(crate) fn run_session(cmd: SessionCommand) -> Result<()> {
     let mut lib = open()?;
     match cmd {
@@ -576,114 +353,60 @@ pub(crate) fn run_session(cmd: SessionCommand) -> Result<()> {
             lib.catalog_mut().delete_chat(id)?;
             println!("deleted session {id}");
         }
+        SessionCommand::Export {
+            id,
+            format,
+            out,
+            json,
+        } => {
+            let done = Transcript::read(lib.catalog(), id)?.export(format, &out)?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"path": done.path, "bytes": done.content.len()})
+                );
+            } else {
+                println!("wrote {}", done.path.display());
+            }
+        }
     }
     Ok(())
 }
 
-pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{}: not the expected JSON", path.display()))
-}
-
-pub(crate) fn run_eval(cmd: EvalCommand) -> Result<()> {
-    let a = match cmd {
-        EvalCommand::Retrieval(a) => a,
-        EvalCommand::Tasks(a) => return crate::tasks_eval::run_eval_tasks(a),
+pub(crate) fn run_settings(a: SettingsArgs) -> Result<()> {
+    let dir = config::data_dir();
+    let old = config::Settings::load(&dir)?;
+    let edit = SettingsEdit {
+        k: a.k,
+        scoring: a.scoring,
+        gating: a.gating,
+        plan: a.plan,
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        threads: a.threads,
+        ..SettingsEdit::default()
     };
-    let ks: Vec<usize> =
-        a.k.split(',')
-            .map(|s| {
-                s.trim()
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|k| *k >= 1)
-                    .with_context(|| format!("--k {:?}: {s:?} is not a positive integer", a.k))
-            })
-            .collect::<Result<_>>()?;
-    let scoring: Scoring = a.scoring.parse().map_err(anyhow::Error::msg)?;
-    let embedder_dir = crate::retriever::embedder_or_default(a.embedder.clone());
-    let profiles: Vec<TaskProfile> = read_json(&a.profiles)?;
-    let tests: Vec<TestInput> = read_json(&a.test)?;
-    let trained = match &a.tasks {
-        Some(f) => {
-            let tasks = retriever::read_task_list(f)?;
-            retriever::check_tasks_known(&tasks, &profiles)?;
-            Some(tasks)
-        }
-        None => None,
-    };
-    let embedder = Embedder::load(&embedder_dir)
-        .with_context(|| format!("loading the embedder {}", embedder_dir.display()))?;
-    let t0 = std::time::Instant::now();
-    let eval = retrieve::RetrievalEval::prepare(&embedder, &profiles, &tests)?;
-    let report = eval.report(&ks, scoring, a.ood);
-    // Inputs of the trained tasks and of the others, each ranked against every task.
-    let split = trained.as_ref().map(|tasks| {
-        let seen: HashSet<&str> = tasks.iter().map(String::as_str).collect();
-        let unseen: HashSet<&str> = eval
-            .tasks()
-            .iter()
-            .map(String::as_str)
-            .filter(|t| !seen.contains(t))
-            .collect();
-        (
-            (
-                seen.len(),
-                eval.report_for_tasks(&ks, scoring, a.ood, &seen),
-            ),
-            (
-                unseen.len(),
-                eval.report_for_tasks(&ks, scoring, a.ood, &unseen),
-            ),
-        )
-    });
-    if a.json {
-        let mut v = serde_json::to_value(&report)?;
-        if let Some(((nt, t), (nu, u))) = &split {
-            let part = |tasks: usize, r: &retrieve::RetrievalReport| {
-                json!({"overall": r.overall, "per_domain": r.per_domain, "n": r.n,
-                       "tasks": tasks})
-            };
-            v["trained"] = part(*nt, t);
-            v["unseen"] = part(*nu, u);
-        }
-        println!("{v}");
-    } else {
-        let head: Vec<String> = ks
-            .iter()
-            .map(|k| format!("{:>7}", format!("top{k}")))
-            .collect();
-        println!(
-            "{} inputs, {} tasks, scoring {}, {}{} ({:.0} s)",
-            report.n,
-            profiles.len(),
-            scoring.as_str(),
-            embedder.id(),
-            if a.ood { ", ood" } else { "" },
-            t0.elapsed().as_secs_f64()
-        );
-        println!("{:<28}{}", "domain", head.join(""));
-        // One line: a label and the accuracy at each k.
-        let line = |label: &str, row: &std::collections::BTreeMap<String, f64>| {
-            let cells: Vec<String> = ks
-                .iter()
-                .map(|k| format!("{:>7.2}", row[&k.to_string()]))
-                .collect();
-            println!("{label:<28}{}", cells.join(""));
-        };
-        for (d, row) in &report.per_domain {
-            line(d, row);
-        }
-        line("overall", &report.overall);
-        if let Some(((nt, t), (nu, u))) = &split {
-            line(&format!("trained ({nt} tasks, {} in)", t.n), &t.overall);
-            line(&format!("unseen ({nu} tasks, {} in)", u.n), &u.overall);
-        }
+    let new = old.edited(&edit)?;
+    if new != old {
+        new.save(&dir)?;
     }
-    if report.n == 0 {
-        bail!("no test inputs");
+    if a.json {
+        println!(
+            "{}",
+            json!({"retrieval": new.retrieval, "chat": new.chat, "changed": new != old})
+        );
+    } else {
+        let r = &new.retrieval;
+        let c = &new.chat;
+        println!("k            {}", r.k);
+        println!("scoring      {}", r.scoring);
+        println!("gating       {}", r.gating);
+        println!("plan         {}", c.plan);
+        println!("max_tokens   {}", c.max_tokens);
+        println!("temperature  {}", c.temperature);
+        println!("top_p        {}", c.top_p);
+        println!("threads      {}", c.threads);
     }
     Ok(())
 }

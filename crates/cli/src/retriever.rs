@@ -6,9 +6,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use ramole_core::config;
+
 use ramole_core::train::retriever::{self, RetrieverConfig};
 use serde_json::json;
+
+use crate::common::{embedder_or_default, open};
 
 #[derive(Subcommand)]
 pub(crate) enum RetrieverCommand {
@@ -60,14 +62,6 @@ pub(crate) enum EmbedderCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-/// The embedder given, else the library's, else the test MiniLM.
-pub(crate) fn embedder_or_default(given: Option<PathBuf>) -> PathBuf {
-    given.unwrap_or_else(|| match config::Settings::load(&config::data_dir()) {
-        Ok(s) => s.embedder_path,
-        Err(_) => config::minilm_dir(),
-    })
 }
 
 pub(crate) fn run_retriever(cmd: RetrieverCommand) -> Result<()> {
@@ -127,7 +121,7 @@ pub(crate) fn run_retriever(cmd: RetrieverCommand) -> Result<()> {
 
 pub(crate) fn run_embedder(cmd: EmbedderCommand) -> Result<()> {
     let EmbedderCommand::Use { dir, json } = cmd;
-    let mut lib = crate::library::open()?;
+    let mut lib = open()?;
     let switch = lib
         .use_embedder(&dir)
         .with_context(|| format!("switching the embedder to {}", dir.display()))?;

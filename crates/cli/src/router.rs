@@ -12,7 +12,10 @@ use ramole_core::model::{LoadOptions, Model, inspect_base};
 use ramole_core::retrieve::{TaskProfile, TestInput};
 use ramole_core::router::RouterLora;
 use ramole_core::train::router::{RouterTrainConfig, RouterTrainer, profile_inputs, task_data};
+use ramole_core::vocab::TopK;
 use serde_json::json;
+
+use crate::common::open;
 
 #[derive(Subcommand)]
 pub(crate) enum RouterCommand {
@@ -63,8 +66,8 @@ pub(crate) struct RouterTrainArgs {
     #[arg(long)]
     out: PathBuf,
     /// Candidates per example: the top k retrieved (the own task always among them).
-    #[arg(long, default_value_t = 3)]
-    k: usize,
+    #[arg(long, default_value_t = TopK::DEFAULT)]
+    k: TopK,
     #[arg(long, default_value_t = 100)]
     steps: usize,
     /// Probability of hiding each candidate per example and step (at least 2 stay).
@@ -101,7 +104,7 @@ pub(crate) fn run_router(cmd: RouterCommand) -> Result<()> {
     match cmd {
         RouterCommand::Train(a) => run_train(*a),
         RouterCommand::Add { file, force } => {
-            let mut lib = crate::library::open()?;
+            let mut lib = open()?;
             let cfg = lib.add_router(&file, force)?;
             println!(
                 "router for {} installed: rank {}, {} layers × {} projections",
@@ -113,7 +116,7 @@ pub(crate) fn run_router(cmd: RouterCommand) -> Result<()> {
             Ok(())
         }
         RouterCommand::Show { json } => {
-            let lib = crate::library::open()?;
+            let lib = open()?;
             let router = lib.load_router()?;
             let out = json!({
                 "base": lib.settings().base_id,
@@ -137,7 +140,7 @@ pub(crate) fn run_router(cmd: RouterCommand) -> Result<()> {
             Ok(())
         }
         RouterCommand::Remove => {
-            let mut lib = crate::library::open()?;
+            let mut lib = open()?;
             if lib.remove_router()? {
                 println!("router for {} removed", lib.settings().base_id);
             } else {
@@ -188,12 +191,12 @@ fn run_train(a: RouterTrainArgs) -> Result<()> {
         .embedder
         .clone()
         .or_else(|| settings.as_ref().map(|s| s.embedder_path.clone()))
-        .unwrap_or_else(config::minilm_dir);
+        .unwrap_or_else(config::starter_embedder);
     let train_tasks = read_tasks(&a.tasks)?;
-    let profiles: Vec<TaskProfile> = crate::library::read_json(&a.profiles)?;
+    let profiles: Vec<TaskProfile> = crate::common::read_json(&a.profiles)?;
     let train: Vec<TestInput> = match &a.examples {
         Some(p) => {
-            let all: Vec<TestInput> = crate::library::read_json(p)?;
+            let all: Vec<TestInput> = crate::common::read_json(p)?;
             let mut seen = std::collections::HashMap::<&str, usize>::new();
             let picked: Vec<TestInput> = all
                 .iter()
@@ -214,7 +217,7 @@ fn run_train(a: RouterTrainArgs) -> Result<()> {
     };
     let held: Vec<TestInput> = match &a.held_out {
         Some(p) => {
-            let all: Vec<TestInput> = crate::library::read_json(p)?;
+            let all: Vec<TestInput> = crate::common::read_json(p)?;
             let of_tasks: Vec<TestInput> = all
                 .into_iter()
                 .filter(|t| train_tasks.contains(&t.task))

@@ -26,7 +26,7 @@ fn main() {
         .skip(1)
         .find(|a| !a.starts_with("--"))
         .map(Into::into)
-        .unwrap_or_else(ramole_core::config::minilm_dir);
+        .unwrap_or_else(ramole_core::config::starter_embedder);
     let precision = if std::env::args().any(|a| a == "--int8") {
         WeightPrecision::Int8
     } else if std::env::args().any(|a| a == "--f32") {

@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 
 use ramole_core::embed::{Embedder, WeightPrecision};
-use ramole_core::index::Scoring;
 use ramole_core::retrieve::{RetrievalEval, TaskProfile, TestInput};
+use ramole_core::vocab::Scoring;
 
 fn read<T: serde::de::DeserializeOwned>(name: &str) -> T {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -22,7 +22,7 @@ fn main() {
     let dir = std::env::args()
         .nth(1)
         .map(Into::into)
-        .unwrap_or_else(ramole_core::config::minilm_dir);
+        .unwrap_or_else(ramole_core::config::starter_embedder);
     let profiles: Vec<TaskProfile> = read("profiles-48.json");
     let tests: Vec<TestInput> = read("test-2395.json");
     let ks = [1, 3, 5, 8];

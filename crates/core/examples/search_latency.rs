@@ -3,7 +3,8 @@
 
 use std::time::Instant;
 
-use ramole_core::index::{AdapterIndex, IndexSpec, Scoring};
+use ramole_core::index::{AdapterIndex, IndexSpec};
+use ramole_core::vocab::Scoring;
 use rand::{Rng, SeedableRng};
 
 fn main() {
@@ -14,7 +15,7 @@ fn main() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let mut unit = || {
         let v: Vec<f32> = (0..dims).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        ramole_core::retrieve::normalized(&v)
+        ramole_core::index::normalized(&v)
     };
     let rows: Vec<(u64, Vec<f32>)> = (0..n as u64).map(|k| (k, unit())).collect();
     let spec = IndexSpec {

@@ -261,7 +261,7 @@ impl LoraAdapter {
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_else(|| dir.display().to_string());
-        let sites = fit_tensors(&st, &st_path, &config, base.config())?;
+        let sites = fit_tensors(&st, &st_path, &config, base.config(), base.device())?;
         Ok(Self {
             name,
             dir: dir.to_path_buf(),
@@ -557,11 +557,14 @@ fn pair_sites(
     Ok(out)
 }
 
+/// The adapter's factors per site, on `device` (the base's: factors live where the base
+/// computes).
 fn fit_tensors(
     st: &SafeTensors<'_>,
     file: &Path,
     config: &LoraConfig,
     cfg: &ModelConfig,
+    device: &Device,
 ) -> Result<BTreeMap<Site, LoraFactors>> {
     let bad = |message: String| AdapterError::Invalid {
         file: file.to_path_buf(),
@@ -570,8 +573,8 @@ fn fit_tensors(
     let mut out = BTreeMap::new();
     for (site, (a_key, b_key, _)) in pair_sites(&shapes_of(st), file, config, cfg)? {
         let (_, scale) = config.rank_and_scale(&site.hf_path());
-        let a = read_f32(st, &a_key, file)?;
-        let b = read_f32(st, &b_key, file)?;
+        let a = read_f32(st, &a_key, file, device)?;
+        let b = read_f32(st, &b_key, file, device)?;
         // llama.cpp's converter permutes the rows of q/k in llama GGUFs; B's rows follow.
         let b = if cfg.rope_style == RopeStyle::Interleaved
             && matches!(site.kind, SiteKind::Q | SiteKind::K)
@@ -619,7 +622,7 @@ pub(crate) fn unpermute_rows_for_interleaved_rope(
         .reshape((out, r))
 }
 
-fn read_f32(st: &SafeTensors<'_>, key: &str, file: &Path) -> Result<Tensor> {
+fn read_f32(st: &SafeTensors<'_>, key: &str, file: &Path, device: &Device) -> Result<Tensor> {
     let view = st.tensor(key).map_err(|e| AdapterError::Invalid {
         file: file.to_path_buf(),
         message: format!("{key}: {e}"),
@@ -635,7 +638,7 @@ fn read_f32(st: &SafeTensors<'_>, key: &str, file: &Path) -> Result<Tensor> {
             });
         }
     };
-    Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
+    Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)
         .and_then(|t| t.to_dtype(DType::F32))
         .map_err(|e| AdapterError::Tensor {
             file: file.to_path_buf(),
@@ -643,58 +646,29 @@ fn read_f32(st: &SafeTensors<'_>, key: &str, file: &Path) -> Result<Tensor> {
         })
 }
 
-/// Writes a PEFT adapter with seeded random factors on every linear of `base` (all-linear):
-/// the adapters of benchmarks and math tests. `B` is non-zero, unlike a fresh PEFT init, so the
-/// adapter changes the output. Files are written to a temporary name and renamed.
-pub fn write_random_peft(
-    dir: &Path,
-    base: &Decoder,
-    rank: usize,
-    alpha: f64,
-    seed: u64,
-) -> Result<()> {
-    use rand::{Rng, SeedableRng};
-    let err = |file: &Path, message: String| AdapterError::Invalid {
-        file: file.to_path_buf(),
-        message,
-    };
-    std::fs::create_dir_all(dir).map_err(|source| AdapterError::Io {
-        file: dir.to_path_buf(),
-        source,
-    })?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut tensors = std::collections::HashMap::new();
-    for l in base.sites() {
-        let site = l.site().expect("decoder sites carry a Site");
-        let path = format!("base_model.model.{}", site.hf_path());
-        let (out_f, in_f) = (l.out_features(), l.in_features());
-        let a_scale = 1.0 / (in_f as f32).sqrt();
-        let b_scale = 0.3 / (rank as f32).sqrt();
-        let a: Vec<f32> = (0..rank * in_f)
-            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * a_scale)
-            .collect();
-        let b: Vec<f32> = (0..out_f * rank)
-            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * b_scale)
-            .collect();
-        let to_t = |v: Vec<f32>, shape: (usize, usize)| {
-            Tensor::from_vec(v, shape, &Device::Cpu).map_err(|e| err(dir, e.to_string()))
-        };
-        tensors.insert(format!("{path}.lora_A.weight"), to_t(a, (rank, in_f))?);
-        tensors.insert(format!("{path}.lora_B.weight"), to_t(b, (out_f, rank))?);
+/// The folder of each task's adapter: `<dir>/<task>`, checked to hold an adapter (the layout
+/// `scripts/train-flan-adapters.sh` writes for the mixed-task benchmark).
+pub fn task_dirs(dir: &Path, tasks: &[String]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::with_capacity(tasks.len());
+    let mut missing = Vec::new();
+    for t in tasks {
+        let d = dir.join(t);
+        if !d.join("adapter_config.json").is_file() {
+            missing.push(t.as_str());
+        }
+        out.push(d);
     }
-    let config = serde_json::json!({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-        "target_modules": "all-linear", "use_rslora": false, "use_dora": false, "bias": "none",
-        "modules_to_save": null, "lora_dropout": 0.0, "inference_mode": true,
-    });
-    let st = dir.join("adapter_model.safetensors");
-    let tmp = dir.join(".adapter_model.safetensors.tmp");
-    candle_core::safetensors::save(&tensors, &tmp).map_err(|e| err(&st, e.to_string()))?;
-    std::fs::rename(&tmp, &st).map_err(|source| AdapterError::Io { file: st, source })?;
-    let cfg = dir.join("adapter_config.json");
-    let tmp = dir.join(".adapter_config.json.tmp");
-    std::fs::write(&tmp, config.to_string())
-        .and_then(|_| std::fs::rename(&tmp, &cfg))
-        .map_err(|source| AdapterError::Io { file: cfg, source })?;
-    Ok(())
+    if !missing.is_empty() {
+        return Err(AdapterError::Invalid {
+            file: dir.to_path_buf(),
+            message: format!(
+                "no adapter for {} of {} tasks ({}{}); scripts/train-flan-adapters.sh makes them",
+                missing.len(),
+                tasks.len(),
+                missing[..missing.len().min(5)].join(", "),
+                if missing.len() > 5 { ", ..." } else { "" }
+            ),
+        });
+    }
+    Ok(out)
 }

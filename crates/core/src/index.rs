@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
 use crate::files;
+use crate::vocab::Scoring;
 
 const MAGIC: &[u8; 8] = b"RAMOLEIX";
 
@@ -43,34 +44,13 @@ pub enum IndexError {
 
 type Result<T, E = IndexError> = std::result::Result<T, E>;
 
-/// How a query is scored against an adapter's profile (DESIGN.md 3a).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scoring {
-    /// Cosine against the L2-normalised mean of the sample embeddings (our default).
-    #[default]
-    Cosine,
-    /// Inner product with the raw mean (the paper's released code).
-    Ip,
-}
-
-impl Scoring {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scoring::Cosine => "cosine",
-            Scoring::Ip => "ip",
-        }
-    }
-}
-
-impl std::str::FromStr for Scoring {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "cosine" | "cos" => Ok(Scoring::Cosine),
-            "ip" => Ok(Scoring::Ip),
-            other => Err(format!("unknown scoring {other:?} (cosine, ip)")),
-        }
+/// `v / |v|` (a zero vector stays zero).
+pub fn normalized(v: &[f32]) -> Vec<f32> {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        v.iter().map(|x| x / n).collect()
+    } else {
+        v.to_vec()
     }
 }
 
@@ -395,7 +375,7 @@ fn options(spec: &IndexSpec) -> IndexOptions {
 /// Cosine indexes hold unit vectors, so stored vectors and scores are the normalised ones.
 fn prepare(scoring: Scoring, v: &[f32]) -> Vec<f32> {
     match scoring {
-        Scoring::Cosine => crate::retrieve::normalized(v),
+        Scoring::Cosine => normalized(v),
         Scoring::Ip => v.to_vec(),
     }
 }
@@ -456,7 +436,6 @@ mod flat {
         slot: HashMap<u64, usize>,
         /// An upper bound on every row's norm (only grows; reset when emptied).
         max_norm: f32,
-        f16c: bool,
     }
 
     impl FlatVectors {
@@ -468,7 +447,6 @@ mod flat {
                 wide: Vec::new(),
                 slot: HashMap::new(),
                 max_norm: 0.0,
-                f16c: crate::model::qgemm::has_avx2(),
             }
         }
 
@@ -574,7 +552,7 @@ mod flat {
                 if !candidate || skip(self.keys[i]) || !exact(self.keys[i], &mut buf) {
                     continue;
                 }
-                out.push((self.keys[i], crate::mole::dot(q, &buf)));
+                out.push((self.keys[i], ramole_kernels::lowrank::dot(q, &buf)));
             }
             super::sort_hits(&mut out);
             out.truncate(k);
@@ -599,57 +577,7 @@ mod flat {
         }
 
         fn scan_rows(&self, q: &[f32], rows: &[u16], out: &mut [f32]) {
-            #[cfg(target_arch = "x86_64")]
-            if self.f16c {
-                // SAFETY: `f16c` is set only when AVX2, FMA and F16C were detected; `rows`
-                // holds `out.len()` rows of `dims` = `q.len()` values.
-                unsafe { scan_avx2(q, rows, out) };
-                return;
-            }
-            for (o, row) in out.iter_mut().zip(rows.chunks_exact(self.dims)) {
-                *o = row
-                    .iter()
-                    .zip(q)
-                    .map(|(&h, &x)| half::f16::from_bits(h).to_f32() * x)
-                    .sum();
-            }
-        }
-    }
-
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C; `rows.len() >= out.len() * q.len()`.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn scan_avx2(q: &[f32], rows: &[u16], out: &mut [f32]) {
-        use std::arch::x86_64::*;
-        let d = q.len();
-        let body = d / 32 * 32;
-        for (o, row) in out.iter_mut().zip(rows.chunks_exact(d)) {
-            // SAFETY: every load reads elements `j..j + 8` with `j + 8 <= body <= d` of a
-            // `d`-long row and query.
-            unsafe {
-                let mut acc = [_mm256_setzero_ps(); 4];
-                let (r, qp) = (row.as_ptr(), q.as_ptr());
-                let mut j = 0;
-                while j < body {
-                    for (u, a) in acc.iter_mut().enumerate() {
-                        let at = j + 8 * u;
-                        let h = _mm256_cvtph_ps(_mm_loadu_si128(r.add(at).cast()));
-                        *a = _mm256_fmadd_ps(h, _mm256_loadu_ps(qp.add(at)), *a);
-                    }
-                    j += 32;
-                }
-                let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-                let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-                let tail: f32 = row[body..]
-                    .iter()
-                    .zip(&q[body..])
-                    .map(|(&h, &x)| half::f16::from_bits(h).to_f32() * x)
-                    .sum();
-                *o = _mm_cvtss_f32(s) + tail;
-            }
+            ramole_kernels::scan::f16_rows(ramole_kernels::Isa::detect(), q, rows, out);
         }
     }
 

@@ -1,6 +1,7 @@
-//! Mixture of LoRA experts: the plans of DESIGN.md 3a (`none`, `selection`, `mixture`,
-//! `fusion`), gate rules, and the per-row low-rank term the decoder adds at every LoRA site.
-//! No I/O: adapters come in loaded, gates come in as numbers.
+//! Mixture of LoRA experts with fixed gates: the plans `none`, `selection`, `mixture` and
+//! `fusion` of DESIGN.md 3a compiled per row, the check of hand-given gates, and the per-row
+//! low-rank term the decoder adds at every LoRA site (gathered per mixture, or the paper's union
+//! form). No I/O: adapters come in loaded, gates come in as numbers.
 //!
 //! A row's plan is compiled once per request into one low-rank pair per site:
 //! - `mixture`: `A = [A_1; ...; A_k]` (ranks stacked), `B = [g_1 s_1 B_1, ..., g_k s_k B_k]`, so
@@ -8,65 +9,21 @@
 //! - `fusion`: `A = sum_j g_j A_j`, `B = sum_j g_j s_j B_j` (parameter averaging; equal ranks);
 //! - `selection`: one adapter, `B = g s B_1`.
 //!
-//! `router` rows carry a [`crate::router::RouterMix`] instead: their gates are computed per token
-//! at every site by the RouterLoRA, so there is no fixed pair to compile.
+//! `router` rows are not compiled here: their gates are computed per token at every site by the
+//! RouterLoRA (`router`), and the engine holds either kind of row (`engine::RowMix`).
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use ramole_kernels::lowrank::LowRank;
+
 use crate::adapter::LoraAdapter;
-use crate::model::{RowSpan, Site, SiteDelta};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Plan {
-    None,
-    Selection,
-    Mixture,
-    Fusion,
-    Router,
-}
-
-impl Plan {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Plan::None => "none",
-            Plan::Selection => "selection",
-            Plan::Mixture => "mixture",
-            Plan::Fusion => "fusion",
-            Plan::Router => "router",
-        }
-    }
-}
-
-impl fmt::Display for Plan {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Plan {
-    type Err = MoleError;
-    fn from_str(s: &str) -> Result<Self, MoleError> {
-        Ok(match s {
-            "none" => Plan::None,
-            "selection" => Plan::Selection,
-            "mixture" => Plan::Mixture,
-            "fusion" => Plan::Fusion,
-            "router" => Plan::Router,
-            other => {
-                return Err(MoleError::Plan(format!(
-                    "unknown plan {other:?} (none, selection, mixture, fusion, router)"
-                )));
-            }
-        })
-    }
-}
+use crate::batch::RowSpan;
+use crate::model::{Site, SiteDelta};
+use crate::vocab::Plan;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MoleError {
@@ -76,8 +33,6 @@ pub enum MoleError {
     Gate(String),
     #[error("tensor op: {0}")]
     Candle(#[from] candle_core::Error),
-    #[error(transparent)]
-    Router(#[from] crate::router::RouterError),
 }
 
 /// Checks gates given by hand: finite and non-negative (they are used as given).
@@ -95,95 +50,6 @@ pub fn check_gates(gates: &[f32]) -> Result<(), MoleError> {
         }
     }
     Ok(())
-}
-
-/// `1/k` each (the paper's uniform mixture).
-pub fn uniform_gates(k: usize) -> Vec<f32> {
-    vec![1.0 / k.max(1) as f32; k]
-}
-
-/// `softmax(score / tau)`: finite, non-negative, summing to 1.
-pub fn softmax_gates(scores: &[f32], tau: f32) -> Result<Vec<f32>, MoleError> {
-    if !(tau.is_finite() && tau > 0.0) {
-        return Err(MoleError::Gate(format!(
-            "temperature {tau} must be positive"
-        )));
-    }
-    if let Some(s) = scores.iter().find(|s| !s.is_finite()) {
-        return Err(MoleError::Gate(format!("score {s} is not finite")));
-    }
-    let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f32> = scores.iter().map(|s| ((s - max) / tau).exp()).collect();
-    let sum: f32 = e.iter().sum();
-    Ok(e.iter().map(|v| v / sum).collect())
-}
-
-/// How retrieval scores become gates (DESIGN.md 3a): finite, non-negative, summing to 1.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub enum Gating {
-    /// `1/k` each (the paper).
-    #[default]
-    Uniform,
-    /// `softmax(score / temperature)`.
-    Softmax { temperature: f32 },
-}
-
-impl Gating {
-    /// Gates for adapters retrieved with `scores` (best first).
-    pub fn gates(self, scores: &[f32]) -> Result<Vec<f32>, MoleError> {
-        match self {
-            Gating::Uniform => Ok(uniform_gates(scores.len())),
-            Gating::Softmax { temperature } => softmax_gates(scores, temperature),
-        }
-    }
-}
-
-impl fmt::Display for Gating {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Gating::Uniform => f.write_str("uniform"),
-            Gating::Softmax { temperature } => write!(f, "softmax:{temperature}"),
-        }
-    }
-}
-
-impl FromStr for Gating {
-    type Err = MoleError;
-    /// `uniform`, `softmax` (temperature 0.1) or `softmax:<temperature>`.
-    fn from_str(s: &str) -> Result<Self, MoleError> {
-        let bad = || {
-            MoleError::Gate(format!(
-                "unknown gating {s:?} (uniform, softmax, softmax:<temperature>)"
-            ))
-        };
-        match s.split_once(':') {
-            None if s == "uniform" => Ok(Gating::Uniform),
-            None if s == "softmax" => Ok(Gating::Softmax { temperature: 0.1 }),
-            Some(("softmax", t)) => {
-                let temperature: f32 = t.parse().map_err(|_| bad())?;
-                if !(temperature.is_finite() && temperature > 0.0) {
-                    return Err(MoleError::Gate(format!(
-                        "softmax temperature {t} must be a positive number"
-                    )));
-                }
-                Ok(Gating::Softmax { temperature })
-            }
-            _ => Err(bad()),
-        }
-    }
-}
-
-impl serde::Serialize for Gating {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Gating {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
 }
 
 /// How a compiled mixture holds its factors. The math always runs in f32; bf16 halves the bytes
@@ -218,24 +84,6 @@ impl Values {
                 Tensor::from_vec(v.iter().map(|x| x.to_f32()).collect(), shape, device)
             }
         }
-    }
-}
-
-pub(crate) trait Elem: Copy {
-    fn f32(self) -> f32;
-}
-
-impl Elem for f32 {
-    #[inline(always)]
-    fn f32(self) -> f32 {
-        self
-    }
-}
-
-impl Elem for half::bf16 {
-    #[inline(always)]
-    fn f32(self) -> f32 {
-        self.to_f32()
     }
 }
 
@@ -283,105 +131,12 @@ impl SitePair {
     }
 }
 
-/// The shape of a low-rank product `B (A x)`: `a` `[rank, inp]`, `b_t` `[rank, out]`.
-#[derive(Clone, Copy)]
-struct LowRank {
-    rank: usize,
-    inp: usize,
-    out: usize,
-}
-
-impl LowRank {
-    /// `y_t += s_t B (A x_t)` for every token `t` of `x` `[n, in]` into `y` `[n, out]`, with
-    /// `s_t = scales[t]` (1 when `None`), as two plain loops that read each factor row once for
-    /// all tokens: a decode step would otherwise pay two GEMM dispatches per site, which cost
-    /// more than the arithmetic at these sizes.
-    fn apply<T: Elem>(self, a: &[T], b_t: &[T], x: &[f32], scales: Option<&[f32]>, y: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the features were detected at run time.
-            unsafe { self.apply_avx2(a, b_t, x, scales, y) };
-            return;
-        }
-        self.apply_portable(a, b_t, x, scales, y)
-    }
-
-    /// The same loops compiled for AVX2+FMA (the portable build targets SSE2 only, which halves
-    /// the vector width and has no FMA).
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn apply_avx2<T: Elem>(
-        self,
-        a: &[T],
-        b_t: &[T],
-        x: &[f32],
-        scales: Option<&[f32]>,
-        y: &mut [f32],
-    ) {
-        self.apply_portable(a, b_t, x, scales, y)
-    }
-
-    #[inline(always)]
-    fn apply_portable<T: Elem>(
-        self,
-        a: &[T],
-        b_t: &[T],
-        x: &[f32],
-        scales: Option<&[f32]>,
-        y: &mut [f32],
-    ) {
-        let n = x.len() / self.inp;
-        let mut mid = vec![0f32; n * self.rank];
-        for r in 0..self.rank {
-            let ar = &a[r * self.inp..(r + 1) * self.inp];
-            for t in 0..n {
-                let s = scales.map_or(1.0, |s| s[t]);
-                mid[t * self.rank + r] = s * dot(ar, &x[t * self.inp..(t + 1) * self.inp]);
-            }
-        }
-        for r in 0..self.rank {
-            let br = &b_t[r * self.out..(r + 1) * self.out];
-            for t in 0..n {
-                let m = mid[t * self.rank + r];
-                if m == 0.0 {
-                    continue;
-                }
-                for (yo, &b) in y[t * self.out..(t + 1) * self.out].iter_mut().zip(br) {
-                    *yo += m * b.f32();
-                }
-            }
-        }
-    }
-}
-
-/// Dot product with 8 independent partial sums, which LLVM vectorises.
-#[inline(always)]
-pub(crate) fn dot<T: Elem>(a: &[T], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x.f32() * y)
-        .sum();
-    for (xa, xb) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += xa[k].f32() * xb[k];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 /// A row's plan compiled into one low-rank pair per site.
 pub struct CompiledMix {
     plan: Plan,
     sites: BTreeMap<Site, SitePair>,
     /// The adapters (gate > 0) it was compiled from, for the union form and provenance.
     parts: Vec<(Arc<LoraAdapter>, f32)>,
-    /// `router` plans: the experts the RouterLoRA gates (then `sites` is empty).
-    route: Option<Arc<crate::router::RouterMix>>,
 }
 
 impl CompiledMix {
@@ -402,7 +157,8 @@ impl CompiledMix {
         match plan {
             Plan::Router => {
                 return Err(MoleError::Plan(
-                    "router compiles with its RouterLoRA (CompiledMix::routed)".into(),
+                    "router rows are gated by a RouterLoRA (router::RouterMix), not compiled"
+                        .into(),
                 ));
             }
             Plan::Selection if adapters.len() != 1 => {
@@ -479,22 +235,6 @@ impl CompiledMix {
             plan,
             sites,
             parts: live,
-            route: None,
-        })
-    }
-
-    /// A `router` row over `adapters` (their gates are ignored: the router computes them),
-    /// precomputing `C_i = B_rᵀ s_i B_i` with `router`.
-    pub fn routed(
-        adapters: &[Arc<LoraAdapter>],
-        router: &Arc<crate::router::RouterLora>,
-    ) -> Result<Self, MoleError> {
-        let route = crate::router::RouterMix::new(adapters, Some(router))?;
-        Ok(Self {
-            plan: Plan::Router,
-            sites: BTreeMap::new(),
-            parts: adapters.iter().map(|a| (a.clone(), 1.0)).collect(),
-            route: Some(Arc::new(route)),
         })
     }
 
@@ -503,12 +243,7 @@ impl CompiledMix {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.sites.is_empty() && self.route.is_none()
-    }
-
-    /// The router's experts (`router` plans only).
-    pub fn route(&self) -> Option<&Arc<crate::router::RouterMix>> {
-        self.route.as_ref()
+        self.sites.is_empty()
     }
 
     /// The adapters it applies, with their gates.
@@ -519,7 +254,6 @@ impl CompiledMix {
     /// Bytes a decode step reads from it.
     pub fn bytes(&self) -> usize {
         self.sites.values().map(SitePair::bytes).sum::<usize>()
-            + self.route.as_ref().map_or(0, |r| r.bytes())
     }
 
     /// Whether the union form may apply its adapters one by one (a sum of gated terms).
@@ -560,9 +294,9 @@ impl MixDelta {
     /// The rows' mixtures, computed with the strategy that reads fewer bytes
     /// ([`MixDelta::estimate`]).
     pub fn new(rows: Vec<Option<Arc<CompiledMix>>>) -> Self {
-        let mixes: Vec<crate::batch::RowMix> = rows
+        let mixes: Vec<crate::batch::RowAdapters> = rows
             .iter()
-            .map(|m| crate::batch::RowMix {
+            .map(|m| crate::batch::RowAdapters {
                 mix: m.as_ref().map(key),
                 adapters: m
                     .as_ref()
@@ -885,37 +619,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn gates_from_scores_are_a_distribution() {
-        let g = softmax_gates(&[0.9, 0.5, 0.1], 0.1).unwrap();
-        assert!((g.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(g.windows(2).all(|w| w[0] > w[1]));
-        assert!(g.iter().all(|&x| x.is_finite() && x >= 0.0));
-        assert_eq!(uniform_gates(4), vec![0.25; 4]);
-        assert!(softmax_gates(&[1.0], 0.0).is_err());
-        assert!(softmax_gates(&[f32::NAN], 1.0).is_err());
-    }
-
-    #[test]
     fn bad_hand_gates_are_refused() {
         assert!(check_gates(&[0.0, 1.0, 0.3]).is_ok());
         let e = check_gates(&[0.5, -0.1]).unwrap_err().to_string();
         assert!(e.contains("gate 1 = -0.1"), "{e}");
         assert!(check_gates(&[f32::INFINITY]).is_err());
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn retrieval_gates_are_a_distribution(
-            scores in proptest::collection::vec(-1f32..1.0, 1..16),
-            tau in 0.001f32..10.0,
-            softmax in proptest::bool::ANY,
-        ) {
-            let gating = if softmax { Gating::Softmax { temperature: tau } } else { Gating::Uniform };
-            let g = gating.gates(&scores).unwrap();
-            proptest::prop_assert_eq!(g.len(), scores.len());
-            proptest::prop_assert!(g.iter().all(|x| x.is_finite() && *x >= 0.0), "{:?}", g);
-            proptest::prop_assert!((g.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{:?}", g);
-        }
     }
 
     #[test]

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Catalog, CatalogError, Embedding};
 use crate::embed::{EmbedError, Embedder};
-use crate::index::{AdapterIndex, IndexError, Scoring};
-use crate::mole::{Gating, MoleError};
+use crate::index::{AdapterIndex, IndexError};
+use crate::vocab::{Gating, Scoring, VocabError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RetrieveError {
@@ -20,22 +20,12 @@ pub enum RetrieveError {
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     #[error(transparent)]
-    Gate(#[from] MoleError),
+    Gate(#[from] VocabError),
     #[error("{0}")]
     Invalid(String),
 }
 
 type Result<T, E = RetrieveError> = std::result::Result<T, E>;
-
-/// `v / |v|` (a zero vector stays zero).
-pub fn normalized(v: &[f32]) -> Vec<f32> {
-    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if n > 0.0 {
-        v.iter().map(|x| x / n).collect()
-    } else {
-        v.to_vec()
-    }
-}
 
 /// The element-wise mean of equal-length vectors (not re-normalised).
 pub fn mean(vectors: &[Vec<f32>]) -> Vec<f32> {
@@ -389,6 +379,7 @@ impl RetrievalEval {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::normalized;
 
     #[test]
     fn masking_follows_the_papers_k_plus_1_rule() {

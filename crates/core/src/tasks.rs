@@ -6,18 +6,17 @@
 //! per task, then per cluster (the mean of its tasks), as in the paper's Table 1.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::channel;
 
 use serde::Serialize;
 
 use crate::engine::{AdapterUse, Engine, Job, JobEvent, MixRequest};
-use crate::index::Scoring;
 use crate::metrics;
 use crate::model::{GenerateParams, Model, Sampling};
-use crate::mole::Plan;
 use crate::retrieve::{RetrievalEval, TestInput, top_k_masking};
 use crate::train::lora::alpaca_prompt;
+use crate::vocab::{Plan, Scoring};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TaskEvalError {
@@ -31,6 +30,8 @@ pub enum TaskEvalError {
     },
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Adapter(#[from] crate::adapter::AdapterError),
 }
 
 type Result<T, E = TaskEvalError> = std::result::Result<T, E>;
@@ -277,30 +278,6 @@ pub fn limit_per_task(tests: &[TestInput], limit: Option<usize>) -> Vec<TestInpu
         .collect()
 }
 
-/// The folder of each task's adapter: `<dir>/<task>`, checked to hold an adapter.
-pub fn adapter_dirs(dir: &Path, tasks: &[String]) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::with_capacity(tasks.len());
-    let mut missing = Vec::new();
-    for t in tasks {
-        let d = dir.join(t);
-        if !d.join("adapter_config.json").is_file() {
-            missing.push(t.as_str());
-        }
-        out.push(d);
-    }
-    if !missing.is_empty() {
-        return Err(TaskEvalError::Invalid(format!(
-            "{}: no adapter for {} of {} tasks ({}{}); scripts/train-flan-adapters.sh makes them",
-            dir.display(),
-            missing.len(),
-            tasks.len(),
-            missing[..missing.len().min(5)].join(", "),
-            if missing.len() > 5 { ", ..." } else { "" }
-        )));
-    }
-    Ok(out)
-}
-
 /// Answers every input of `tests` (embedded in `retrieval` in the same order) under `cfg` through
 /// `engine`, using the task adapters in `adapters` (`<dir>/<task>`). `on_done` hears each
 /// finished prediction (for progress). Predictions come back in input order.
@@ -325,7 +302,7 @@ pub fn run(
     let dirs = if cfg.plan == EvalPlan::None {
         Vec::new()
     } else {
-        adapter_dirs(adapters, tasks)?
+        crate::adapter::task_dirs(adapters, tasks)?
     };
     let model: &Model = engine.model();
     let params = GenerateParams {
@@ -388,6 +365,7 @@ pub fn run(
                 let sink = Box::new(move |ev: JobEvent| {
                     match ev {
                         JobEvent::Done(g) => {
+                            let g = g.generation;
                             let _ = tx.send((i, Ok((g.text, g.generated_tokens))));
                         }
                         JobEvent::Failed(e) => {

@@ -1,5 +1,5 @@
 import { describe, it, expect, beforeEach } from 'vitest';
-import { api, setTransport, toApiError, newTaskId, type EventChannel, type ChatEvent, type SendRequest } from '../lib/api';
+import { api, setTransport, toApiError, newTaskId, ERROR_CODES, type AppStatus, type EventChannel, type ChatEvent, type SendRequest } from '../lib/api';
 
 type Call = { cmd: string; args?: Record<string, unknown> };
 
@@ -65,7 +65,10 @@ describe('api layer', () => {
     });
     await expect(api.chatsList()).rejects.toEqual({ code: 'internal', message: 'boom' });
 
-    expect(toApiError({ code: 404, message: 7 })).toEqual({ code: '404', message: '7' });
+    // A code outside ERROR_CODES is the shell's bug: internal, with its message kept.
+    expect(toApiError({ code: 404, message: 7 })).toEqual({ code: 'internal', message: '7' });
+    expect(toApiError({ code: 'teapot', message: 'short and stout' })).toEqual({ code: 'internal', message: 'short and stout' });
+    for (const code of ERROR_CODES) expect(toApiError({ code, message: 'm' }).code).toBe(code);
   });
 
   it('delivers channel events to the callback, in order', async () => {
@@ -88,6 +91,25 @@ describe('api layer', () => {
     expect(got).toEqual(['Hel', 'lo']);
     expect(r).toEqual({ reply: 'Hello' });
     expect((seen as Record<string, unknown>).request).toBe(req);
+  });
+
+  it('app_watch passes an on_status channel and resolves with the status now', async () => {
+    const now = { engine: 'loading' } as AppStatus;
+    let ch: EventChannel<AppStatus> | null = null;
+    setTransport(
+      async (cmd, args) => {
+        calls.push({ cmd, args });
+        ch = args!.on_status as EventChannel<AppStatus>;
+        return now;
+      },
+      <T>(on: (e: T) => void) => ({ onmessage: on }),
+    );
+    const heard: string[] = [];
+    expect(await api.appWatch((s) => heard.push(s.engine))).toBe(now);
+    expect(calls.map((c) => c.cmd)).toEqual(['app_watch']);
+    expect(Object.keys(calls[0].args!)).toEqual(['on_status']);
+    ch!.onmessage({ engine: 'ready' } as AppStatus);
+    expect(heard).toEqual(['ready']);
   });
 
   it('makes unique task ids', () => {

@@ -1,5 +1,5 @@
 import { describe, it, expect, beforeEach } from 'vitest';
-import { setTransport, type ChatEvent, type SendRequest, type Provenance } from '../lib/api';
+import { MAX_K, setTransport, type ChatEvent, type SendRequest, type Provenance } from '../lib/api';
 import { createFakeBackend, type FakeBackend } from '../lib/api/fake';
 import { ChatStore, parseK } from '../lib/stores/chat.svelte';
 import { errors } from '../lib/stores/errors.svelte';
@@ -50,10 +50,11 @@ describe('chat store: requests', () => {
     expect(chat.exclude).toEqual(['sql-lora']);
   });
 
-  it('parses k: empty = settings default, clamps to 1..8', () => {
+  it('parses k: empty = settings default, clamps to 1..MAX_K (the core\'s limit)', () => {
     expect(parseK('')).toBeNull();
     expect(parseK(null)).toBeNull();
-    expect(parseK('12')).toBe(8);
+    expect(parseK('12')).toBe(12);
+    expect(parseK(String(MAX_K + 4))).toBe(MAX_K);
     expect(parseK(0)).toBe(1);
     expect(parseK('3')).toBe(3);
     expect(parseK('abc')).toBeNull();
@@ -69,7 +70,7 @@ describe('chat store: streaming', () => {
     const prov: Provenance = {
       plan: 'mixture', k: 2, query: 'q', base_model: 'b', embedder: null, scoring: 'cosine', gating: 'softmax:0.1',
       adapters: [{ id: 'a', name: 'A', score: 0.5, gate: 0.7 }, { id: 'b', name: 'B', score: 0.4, gate: 0.3 }],
-      generation: {}, layer_gates: null,
+      generation: null, layer_gates: null,
     };
     const evs: ChatEvent[] = [
       { event: 'routing', provenance: prov },
@@ -102,7 +103,7 @@ describe('chat store: streaming', () => {
     chat.applyEvent({ event: 'text', delta: 'Hi' }, 'r', 'u');
     const prov: Provenance = {
       plan: 'none', k: 0, query: 'first words', base_model: 'b', embedder: null, scoring: 'cosine', gating: 'softmax:0.1',
-      adapters: [], generation: {}, layer_gates: null,
+      adapters: [], generation: null, layer_gates: null,
     };
     chat.applyEvent(
       { event: 'done', reply: { session: 42, user_message: 100, message: 101, reply: 'Hi!', finish_reason: 'eos', provenance: prov, dropped_messages: 0 } },

@@ -1,5 +1,5 @@
 // A small LayerGates fixture (plan `router`) shared by the layer-gate tests.
-import type { LayerGates, Provenance, ServedAdapter } from '../lib/api';
+import type { GenerationRecord, LayerGates, Provenance, ServedAdapter } from '../lib/api';
 
 /** 4 layers × 5 token columns × 3 adapters; argmax differs between cells. */
 export function layerGatesFixture(): LayerGates {
@@ -25,9 +25,17 @@ export function servedFixture(): ServedAdapter[] {
   ];
 }
 
+/** The record of a finished reply (a stored router reply carries one). */
+export function generationFixture(): GenerationRecord {
+  return {
+    max_tokens: 64, temperature: 0.2, top_p: 0.8, top_k: 0, seed: 7, stop: [],
+    prompt_tokens: 12, generated_tokens: 4, finish_reason: 'eos', dropped_messages: 0,
+  };
+}
+
 export function routerProvenance(layer_gates: unknown = layerGatesFixture()): Provenance {
   return {
     plan: 'router', k: 3, query: 'Bonjour', base_model: 'b', embedder: null, scoring: 'cosine', gating: null,
-    adapters: servedFixture(), generation: {}, layer_gates: layer_gates as LayerGates | null,
+    adapters: servedFixture(), generation: generationFixture(), layer_gates: layer_gates as LayerGates | null,
   };
 }

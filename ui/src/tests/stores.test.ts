@@ -1,4 +1,4 @@
-import { describe, it, expect, beforeEach } from 'vitest';
+import { describe, it, expect, beforeEach, vi } from 'vitest';
 import { setTransport } from '../lib/api';
 import { createFakeBackend, type FakeBackend } from '../lib/api/fake';
 import { DiscoverStore } from '../lib/stores/discover.svelte';
@@ -189,5 +189,64 @@ describe('app store', () => {
     await a.refresh();
     expect(fake.calls.map((c) => c.cmd)).toContain('settings_get');
     expect(a.settings).not.toBeNull();
+  });
+
+  it('follows the engine from loading to ready through app_watch, without polling', async () => {
+    vi.useFakeTimers();
+    try {
+      const { AppStore } = await import('../lib/stores/app.svelte');
+      fake = createFakeBackend({ ready: false, loadMs: 5000 });
+      setTransport(fake.invoke, fake.channel);
+      const count = (cmd: string) => fake.calls.filter((c) => c.cmd === cmd).length;
+      const a = new AppStore();
+      await a.watch();
+      await a.watch();
+      expect(count('app_watch')).toBe(1);
+      expect(a.status?.engine).toBe('idle');
+      await a.setup({ base_path: '/m/smollm2.gguf', embedder_path: '/m/minilm', base_id: null });
+      // FirstRun's refresh after setup reads once; it must not subscribe again.
+      await a.refresh();
+      expect(count('app_watch')).toBe(1);
+      expect(a.status?.engine).toBe('loading');
+      const reads = count('app_status');
+      await vi.advanceTimersByTimeAsync(4999);
+      expect(a.status?.engine).toBe('loading');
+      expect(count('app_status')).toBe(reads);
+      await vi.advanceTimersByTimeAsync(1);
+      expect(a.status?.engine).toBe('ready');
+      expect(a.status?.base?.id).toBe('smollm2.gguf');
+      expect(a.settings).not.toBeNull();
+      expect(count('app_status')).toBe(reads);
+      expect(vi.getTimerCount()).toBe(0);
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
+  it('a status read answered after the watch spoke does not undo it', async () => {
+    vi.useFakeTimers();
+    try {
+      const { AppStore } = await import('../lib/stores/app.svelte');
+      fake = createFakeBackend({ ready: false, loadMs: 100 });
+      let release: () => void = () => {};
+      const held = new Promise<void>((r) => (release = r));
+      // app_status reads the state now but answers only once released.
+      setTransport(async (cmd, args) => {
+        const res = await fake.invoke(cmd, args);
+        if (cmd === 'app_status') await held;
+        return res;
+      }, fake.channel);
+      const a = new AppStore();
+      await a.watch();
+      await a.setup({ base_path: '/m/smollm2.gguf', embedder_path: '/m/minilm', base_id: null });
+      const read = a.refresh();
+      await vi.advanceTimersByTimeAsync(100);
+      expect(a.status?.engine).toBe('ready');
+      release();
+      expect((await read)?.engine).toBe('ready');
+      expect(a.status?.engine).toBe('ready');
+    } finally {
+      vi.useRealTimers();
+    }
   });
 });

@@ -3,25 +3,25 @@
 //! and deterministic. Texts are truncated at 256 tokens (never beyond the model's positions);
 //! the tokenizer file's own fixed padding and truncation are replaced.
 //!
-//! Two implementations of the same forward: the candle one here (the reference, and the one
-//! used for large batches, where its big GEMMs pay off) and [`packed`], a hand-written path
-//! for one sequence at a time that a query's latency depends on.
+//! The network is written once, on candle ops ([`bert`]): the reference, the path for large
+//! batches (where its big GEMMs pay off), and, with trainable variables, the retriever's
+//! fine-tuning. [`packed`] is the fast path for one sequence at a time that a query's latency
+//! depends on, tested against the reference.
 
-mod activation;
-mod amx;
-mod gemm;
+pub(crate) mod bert;
 mod packed;
 
 use std::path::Path;
 
-use candle_core::{D, DType, Device, Tensor};
+use bert::{Bert, Ops, Weights};
+use candle_core::{D, Tensor};
 use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
 
 use crate::model::{ModelError, WeightStore};
-pub use gemm::Isa;
-pub use gemm::Precision as WeightPrecision;
-use gemm::{PackedMatrix, Precision};
 use packed::{NormParams, PackedEncoder, PackedLayer, Tables};
+pub use ramole_kernels::Isa;
+pub use ramole_kernels::gemm::Precision as WeightPrecision;
+use ramole_kernels::gemm::{PackedMatrix, Precision};
 
 /// Tokens kept per text: reproduces the paper's retrieval figures with MiniLM.
 pub const MAX_TOKENS: usize = 256;
@@ -109,28 +109,7 @@ fn default_types() -> usize {
     2
 }
 
-struct Dense {
-    w: Tensor,
-    b: Tensor,
-}
-
-impl Dense {
-    /// `x` `[.., in]` -> `[.., out]`.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        // One GEMM over all rows: a batched matmul would re-pack the weight for every sequence.
-        let dims = x.dims().to_vec();
-        let (inp, out) = (dims[dims.len() - 1], self.w.dim(0)?);
-        let rows = x.elem_count() / inp;
-        let mut shape = dims;
-        *shape.last_mut().expect("x has dims") = out;
-        x.reshape((rows, inp))?
-            .matmul(&self.w.t()?)?
-            .broadcast_add(&self.b)?
-            .reshape(shape)
-    }
-}
-
-impl Dense {
+impl bert::Dense {
     /// The weight `[out, in]` and bias packed for the fast path.
     fn packed(&self, precision: Precision) -> candle_core::Result<PackedMatrix> {
         let (n, k) = self.w.dims2()?;
@@ -140,49 +119,21 @@ impl Dense {
     }
 }
 
-struct Norm {
-    w: Tensor,
-    b: Tensor,
-    eps: f32,
-}
-
-impl Norm {
+impl bert::Norm {
     fn params(&self) -> candle_core::Result<NormParams> {
         Ok(NormParams {
             w: self.w.to_vec1()?,
             b: self.b.to_vec1()?,
-            eps: self.eps,
+            eps: self.eps as f32,
         })
     }
-}
-
-impl Norm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::layer_norm(&x.contiguous()?, &self.w, &self.b, self.eps)
-    }
-}
-
-struct Layer {
-    /// Query, key and value projections stacked (`[3h, h]`): one product instead of three.
-    qkv: Dense,
-    attn_out: Dense,
-    attn_norm: Norm,
-    ffn_in: Dense,
-    ffn_out: Dense,
-    ffn_norm: Norm,
 }
 
 pub struct Embedder {
     id: String,
     tokenizer: Tokenizer,
-    word: Tensor,
-    position: Tensor,
-    token_type: Tensor,
-    embed_norm: Norm,
-    layers: Vec<Layer>,
-    heads: usize,
+    bert: Bert,
     dims: usize,
-    device: Device,
     packed: PackedEncoder,
 }
 
@@ -253,64 +204,7 @@ impl Embedder {
     /// Only the packed path (few texts: queries) uses them; the candle path (batches:
     /// adapter profiles) stays f32.
     pub fn load_with(dir: &Path, precision: WeightPrecision) -> Result<Self> {
-        let (cfg_path, _, cfg) = read_config(dir)?;
-        let bad = |message: String| EmbedError::Config {
-            file: cfg_path.clone(),
-            message,
-        };
-        if let Some(t) = cfg.model_type.as_deref().filter(|t| *t != "bert") {
-            return Err(bad(format!(
-                "model_type = {t:?}: only bert encoders are supported"
-            )));
-        }
-        if let Some(a) = cfg.hidden_act.as_deref().filter(|a| *a != "gelu") {
-            return Err(bad(format!("hidden_act = {a:?}: only gelu is supported")));
-        }
-        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
-        {
-            return Err(bad(format!(
-                "hidden_size = {} is not divisible by num_attention_heads = {}",
-                cfg.hidden_size, cfg.num_attention_heads
-            )));
-        }
-        let device = Device::Cpu;
-        let st = WeightStore::open_safetensors_dir(dir)?;
-        let (h, ff) = (cfg.hidden_size, cfg.intermediate_size);
-        let dense = |name: &str, out: usize, inp: usize| -> Result<Dense> {
-            Ok(Dense {
-                w: st.dense(&format!("{name}.weight"), &[out, inp], &device)?,
-                b: st.dense(&format!("{name}.bias"), &[out], &device)?,
-            })
-        };
-        let norm = |name: &str| -> Result<Norm> {
-            Ok(Norm {
-                w: st.dense(&format!("{name}.weight"), &[h], &device)?,
-                b: st.dense(&format!("{name}.bias"), &[h], &device)?,
-                eps: cfg.layer_norm_eps as f32,
-            })
-        };
-        let p = tensor_prefix(&st);
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let l = format!("{p}encoder.layer.{i}");
-            layers.push(Layer {
-                qkv: {
-                    let parts = ["query", "key", "value"]
-                        .map(|p| dense(&format!("{l}.attention.self.{p}"), h, h));
-                    let [q, k, v] = parts;
-                    let (q, k, v) = (q?, k?, v?);
-                    Dense {
-                        w: Tensor::cat(&[&q.w, &k.w, &v.w], 0)?,
-                        b: Tensor::cat(&[&q.b, &k.b, &v.b], 0)?,
-                    }
-                },
-                attn_out: dense(&format!("{l}.attention.output.dense"), h, h)?,
-                attn_norm: norm(&format!("{l}.attention.output.LayerNorm"))?,
-                ffn_in: dense(&format!("{l}.intermediate.dense"), ff, h)?,
-                ffn_out: dense(&format!("{l}.output.dense"), h, ff)?,
-                ffn_norm: norm(&format!("{l}.output.LayerNorm"))?,
-            });
-        }
+        let (bert, cfg) = Bert::load(dir, &crate::device::compute(), &mut Weights::Frozen)?;
         let max_tokens = MAX_TOKENS.min(cfg.max_position_embeddings);
         let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
             EmbedError::Tokenizer(format!("{}: {e}", dir.join("tokenizer.json").display()))
@@ -323,13 +217,16 @@ impl Embedder {
             .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
         tokenizer.with_padding(None::<PaddingParams>);
         let (id, _) = Self::identify(dir)?;
-        let embed_norm = norm(&format!("{p}embeddings.LayerNorm"))?;
         let packed = PackedEncoder {
-            layers: layers
+            layers: bert
+                .layers
                 .iter()
                 .map(|l| -> candle_core::Result<PackedLayer> {
+                    let bert::Qkv::Stacked(qkv) = &l.qkv else {
+                        unreachable!("a frozen encoder stacks its projections")
+                    };
                     Ok(PackedLayer {
-                        qkv: l.qkv.packed(precision)?,
+                        qkv: qkv.packed(precision)?,
                         attn_out: l.attn_out.packed(precision)?,
                         attn_norm: l.attn_norm.params()?,
                         ffn_in: l.ffn_in.packed(precision)?,
@@ -338,34 +235,16 @@ impl Embedder {
                     })
                 })
                 .collect::<candle_core::Result<_>>()?,
-            embed_norm: embed_norm.params()?,
-            heads: cfg.num_attention_heads,
-            hidden: h,
+            embed_norm: bert.embed_norm.params()?,
+            heads: bert.heads,
+            hidden: bert.hidden,
             isa: Isa::detect(),
         };
         Ok(Self {
             id,
             tokenizer,
-            word: st.dense(
-                &format!("{p}embeddings.word_embeddings.weight"),
-                &[cfg.vocab_size, h],
-                &device,
-            )?,
-            position: st.dense(
-                &format!("{p}embeddings.position_embeddings.weight"),
-                &[cfg.max_position_embeddings, h],
-                &device,
-            )?,
-            token_type: st.dense(
-                &format!("{p}embeddings.token_type_embeddings.weight"),
-                &[cfg.type_vocab_size, h],
-                &device,
-            )?,
-            embed_norm,
-            layers,
-            heads: cfg.num_attention_heads,
-            dims: h,
-            device,
+            dims: bert.hidden,
+            bert,
             packed,
         })
     }
@@ -467,7 +346,8 @@ impl Embedder {
 
     /// [`Embedder::embed`] on the packed path only (each text alone).
     pub fn embed_packed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
-        let views = [&self.word, &self.position, &self.token_type].map(TensorView::new);
+        let b = &self.bert;
+        let views = [&b.word, &b.position, &b.token_type].map(TensorView::new);
         let [word, position, token_type] = views;
         let (word, position, token_type) = (word?, position?, token_type?);
         let tables = Tables {
@@ -501,52 +381,7 @@ impl Embedder {
 
     /// Encodes a batch of token sequences: padded to the longest, masked, mean-pooled.
     fn embed_ids(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
-        let b = batch.len();
-        let t = batch.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
-        let mut flat = vec![0u32; b * t];
-        let mut mask = vec![0f32; b * t];
-        for (r, s) in batch.iter().enumerate() {
-            flat[r * t..r * t + s.len()].copy_from_slice(s);
-            mask[r * t..r * t + s.len()]
-                .iter_mut()
-                .for_each(|m| *m = 1.0);
-        }
-        let ids = Tensor::from_vec(flat, b * t, &self.device)?;
-        let mask = Tensor::from_vec(mask, (b, t), &self.device)?;
-        let x = self
-            .word
-            .index_select(&ids, 0)?
-            .reshape((b, t, self.dims))?;
-        let x = x
-            .broadcast_add(&self.position.narrow(0, 0, t)?)?
-            .broadcast_add(&self.token_type.narrow(0, 0, 1)?)?;
-        let mut x = self.embed_norm.forward(&x)?;
-        // Padded keys get a large negative bias (not -inf: an all-pad row must stay finite).
-        let bias = ((mask.clone() - 1.0)? * 1e9)?.reshape((b, 1, 1, t))?;
-        let hd = self.dims / self.heads;
-        let scale = 1.0 / (hd as f64).sqrt();
-        for l in &self.layers {
-            let split = |y: Tensor| -> candle_core::Result<Tensor> {
-                y.reshape((b, t, self.heads, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let qkv = l.qkv.forward(&x)?;
-            let q = split(qkv.narrow(2, 0, self.dims)?)?;
-            let k = split(qkv.narrow(2, self.dims, self.dims)?)?;
-            let v = split(qkv.narrow(2, 2 * self.dims, self.dims)?)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let a = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, t, self.dims))?;
-            x = l.attn_norm.forward(&(l.attn_out.forward(&a)? + &x)?)?;
-            let f = l.ffn_out.forward(&l.ffn_in.forward(&x)?.gelu_erf()?)?;
-            x = l.ffn_norm.forward(&(f + &x)?)?;
-        }
-        let unit = mean_pool_unit(&x, &mask)?.to_dtype(DType::F32)?;
-        Ok(unit.to_vec2()?)
+        Ok(self.bert.forward(batch, Ops::Fused)?.to_vec2()?)
     }
 }
 
@@ -574,7 +409,7 @@ mod tests {
     /// runs) against the candle reference.
     #[test]
     fn every_kernel_set_of_the_packed_path_matches_the_reference() {
-        let dir = crate::config::minilm_dir();
+        let dir = crate::config::starter_embedder();
         if !dir.join("model.safetensors").exists() {
             panic!(
                 "test model missing: {} — run scripts/fetch-test-models.sh",

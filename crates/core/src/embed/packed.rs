@@ -3,7 +3,9 @@
 //! residual fused into the GEMMs, attention done directly per head (no padding, no mask), and
 //! the work of each step split over the rayon pool. f32 throughout, like the reference.
 
-use super::gemm::{self, Epilogue, Isa, PackedMatrix, SharedOut};
+use ramole_kernels::Isa;
+use ramole_kernels::activation::{lane_sum, softmax_scaled};
+use ramole_kernels::gemm::{self, Epilogue, PackedMatrix, SharedOut};
 
 /// LayerNorm parameters over the hidden dimension.
 pub(super) struct NormParams {
@@ -37,18 +39,6 @@ impl NormParams {
             }
         }
     }
-}
-
-/// Sum with 8 independent partial sums, so the compiler can keep it in vector registers.
-fn lane_sum(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for (s, &v) in acc.iter_mut().zip(c) {
-            *s += v;
-        }
-    }
-    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
 pub(super) struct PackedLayer {
@@ -204,46 +194,5 @@ impl PackedEncoder {
                 }
             }
         });
-    }
-}
-
-/// `row = softmax(row · scale)`.
-fn softmax_scaled(isa: Isa, row: &mut [f32], scale: f32) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if isa.has_avx2() {
-        // (Never true off x86-64.)
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `has_avx2` holds only for kernel sets chosen after detecting AVX2 and FMA.
-        unsafe {
-            exp_shifted_avx2(row, max, scale)
-        };
-    } else {
-        for v in row.iter_mut() {
-            *v = ((*v - max) * scale).exp();
-        }
-    }
-    let inv = 1.0 / lane_sum(row);
-    row.iter_mut().for_each(|v| *v *= inv);
-}
-
-/// `row[i] = exp((row[i] - max) · scale)`.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_shifted_avx2(row: &mut [f32], max: f32, scale: f32) {
-    use std::arch::x86_64::*;
-    let (m, s) = (_mm256_set1_ps(max), _mm256_set1_ps(scale));
-    let mut chunks = row.chunks_exact_mut(8);
-    for c in &mut chunks {
-        // SAFETY: `c` holds exactly 8 floats.
-        unsafe {
-            let v = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m), s);
-            _mm256_storeu_ps(c.as_mut_ptr(), super::activation::avx2::exp(v));
-        }
-    }
-    for v in chunks.into_remainder() {
-        *v = ((*v - max) * scale).exp();
     }
 }

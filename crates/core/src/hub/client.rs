@@ -7,6 +7,7 @@ use std::io::Read;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use ts_rs::TS;
 
 use super::{HubError, Result, check_repo_path};
 use crate::config::HubConfig;
@@ -33,7 +34,7 @@ impl Default for RetryPolicy {
 }
 
 /// Listing order (always descending, as the Hub sorts).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, TS)]
 #[serde(rename_all = "lowercase")]
 pub enum Sort {
     #[default]

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::Serialize;
+use ts_rs::TS;
 
 use super::client::{HubClient, ModelInfo, SearchQuery, Sort};
 use super::{HubError, Result};
@@ -27,7 +28,7 @@ const MAX_EQUIVALENTS: usize = 12;
 const CHECK_WORKERS: usize = 4;
 
 /// What an adapter adds when it serves a request.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, TS)]
 pub struct AdapterCost {
     /// Parameters of its factors.
     pub params: u64,
@@ -50,7 +51,7 @@ impl AdapterCost {
 }
 
 /// One search result.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, TS)]
 pub struct AdapterHit {
     pub repo: String,
     pub downloads: u64,
@@ -92,18 +93,6 @@ pub struct BaseTarget<'a> {
     pub weight_bytes: u64,
     /// Ids that name the same weights (mirrors, quantized copies, the original).
     pub equivalents: &'a [String],
-}
-
-impl<'a> BaseTarget<'a> {
-    /// The library's active base, with the ids that count as the same weights.
-    pub fn active(lib: &'a crate::library::Library, equivalents: &'a [String]) -> Self {
-        Self {
-            id: &lib.settings().base_id,
-            config: &lib.base().config,
-            weight_bytes: lib.base_weight_bytes(),
-            equivalents,
-        }
-    }
 }
 
 /// The base's equivalence class on the Hub: itself, the model it is a quantized copy of, and
@@ -366,7 +355,7 @@ fn same_base(declared: &str, base: &BaseTarget<'_>) -> bool {
         .iter()
         .chain(std::iter::once(&base.id.to_string()))
         .any(|e| e.eq_ignore_ascii_case(declared))
-        || crate::library::name_verdict(Some(declared), base.id).compat == Compat::Compatible
+        || name_verdict(Some(declared), base.id).compat == Compat::Compatible
 }
 
 /// The verdict for the adapter in `folder` of `repo@rev` from its config and safetensors
@@ -453,14 +442,38 @@ pub(crate) fn check_remote(
 
 /// Shapes fit: compatible when the adapter names the base (or an equivalent, or nothing),
 /// else a warning.
-pub(crate) fn verdict_for(declared: Option<&str>, base: &BaseTarget<'_>) -> Verdict {
+pub fn verdict_for(declared: Option<&str>, base: &BaseTarget<'_>) -> Verdict {
     match declared {
         Some(d) if same_base(d, base) => Verdict {
             compat: Compat::Compatible,
             reason: String::new(),
             base: base.id.to_string(),
         },
-        _ => crate::library::name_verdict(declared, base.id),
+        _ => name_verdict(declared, base.id),
+    }
+}
+
+/// Shapes fit; the name decides between compatible and a warning. Names are compared without
+/// the organisation and without format suffixes (`-GGUF`, `-Q4_K_M`, `-AWQ`, ...), so a
+/// quantized copy counts as its original but an instruct model does not count as its base.
+pub fn name_verdict(declared: Option<&str>, base: &str) -> Verdict {
+    let norm = |s: &str| {
+        let last = s.trim_end_matches('/').rsplit('/').next().unwrap_or(s);
+        crate::model::strip_format_suffix(last).to_ascii_lowercase()
+    };
+    match declared.filter(|d| !d.trim().is_empty()) {
+        Some(d) if norm(d) != norm(base) => Verdict {
+            compat: Compat::Warning,
+            reason: format!(
+                "trained for {d}, active base is {base}; the shapes fit, quality may differ"
+            ),
+            base: base.to_string(),
+        },
+        _ => Verdict {
+            compat: Compat::Compatible,
+            reason: String::new(),
+            base: base.to_string(),
+        },
     }
 }
 

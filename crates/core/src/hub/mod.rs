@@ -1,18 +1,19 @@
 //! The Hugging Face Hub: a small typed client of the HTTP API (listing and search, model info,
 //! file trees, resolve with ranges), downloads into the cache Python tools share (resumable,
 //! verified against the LFS sha256 or the git blob id, size-limited), model cards, and
-//! compatibility verdicts for adapters found there. No HTTP library type leaves this module.
-//!
-//! Installing an adapter from the Hub is [`install`]: download → validate against the active
-//! base → collect sample inputs → embed → catalog + index, all or nothing.
+//! compatibility verdicts for adapters found there, and fetching an adapter's or a model's files
+//! into that cache. It talks HTTP and judges; installing an adapter is a library use-case
+//! (`library::install`). No HTTP library type leaves this module.
 
 mod cache;
 mod card;
 mod client;
 mod compat;
-mod install;
+mod fetch;
+mod pull;
 
 use std::path::PathBuf;
+use ts_rs::TS;
 
 pub use cache::{Fetched, HubCache};
 pub use card::{MAX_CARD_BYTES, ModelCard, card_samples};
@@ -22,12 +23,10 @@ pub use client::{
 };
 pub use compat::{
     AdapterCost, AdapterHit, BaseTarget, SearchRequest, equivalent_bases, judge_listing,
-    search_adapters,
+    name_verdict, search_adapters, verdict_for,
 };
-pub use install::{
-    InstallRequest, PullRequest, Pulled, UpdateOutcome, check_update, install_adapter, pull_model,
-    update_adapter,
-};
+pub use fetch::{AdapterRef, FetchedAdapter, MAX_SAMPLES_FILE_BYTES, fetch_adapter};
+pub use pull::{PullRequest, Pulled, pull_model};
 
 /// Largest file the client downloads unless told otherwise (adapters are small; base models
 /// pass their own limit).
@@ -87,7 +86,7 @@ pub enum HubError {
 pub type Result<T, E = HubError> = std::result::Result<T, E>;
 
 /// What a long operation is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, TS)]
 #[serde(rename_all = "lowercase")]
 pub enum Stage {
     Download,
@@ -97,7 +96,7 @@ pub enum Stage {
 }
 
 /// One progress report: for downloads, bytes done of total for the current file.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, TS)]
 pub struct ProgressEvent {
     pub stage: Stage,
     /// The file being downloaded (repository path), empty for other stages.

@@ -12,9 +12,10 @@ use rayon::prelude::*;
 
 use super::cache::SeqCache;
 use super::config::{ModelConfig, RopeStyle};
-use super::linear::{Linear, LinearWeight, QuantKernel, RowSpan, Site, SiteDelta, SiteKind};
+use super::linear::{Linear, LinearWeight, QuantKernel, Site, SiteDelta, SiteKind};
 use super::weights::{StoredTensor, WeightStore};
 use super::{ModelError, Result};
+use crate::batch::RowSpan;
 
 /// Which positions to return logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

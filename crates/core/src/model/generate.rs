@@ -11,6 +11,7 @@ use super::linear::SiteDelta;
 use super::loader::Model;
 use super::sample::{Sampler, Sampling};
 use super::{ModelError, Result};
+use crate::vocab::FinishReason;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateParams {
@@ -33,19 +34,6 @@ impl Default for GenerateParams {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// An end-of-generation token.
-    Eos,
-    /// A stop string.
-    Stop,
-    /// `max_tokens` or the context length.
-    Length,
-    /// The request was cancelled (or its receiver went away).
-    Cancelled,
-}
-
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Timings {
     pub prefill_s: f64,
@@ -62,9 +50,6 @@ pub struct Generation {
     pub token_ids: Vec<u32>,
     pub finish_reason: FinishReason,
     pub timings: Timings,
-    /// The router's gates per layer and token (`router` plans in the engine).
-    #[serde(skip)]
-    pub gates: Option<crate::router::GateTrace>,
 }
 
 /// Turns a growing list of generated ids into text that is safe to show: it holds back an
@@ -255,7 +240,6 @@ impl Decoding {
             token_ids: self.generated,
             finish_reason,
             timings,
-            gates: None,
         }
     }
 }

@@ -8,6 +8,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, Module, Storage, Tensor};
 
 use super::qgemm;
+use crate::batch::RowSpan;
 
 /// The seven projections of a decoder layer, named as PEFT's `target_modules` name them.
 #[derive(
@@ -76,14 +77,6 @@ impl Site {
             self.kind.hf_name()
         )
     }
-}
-
-/// The tokens of one batch row inside the packed `[n_tokens, features]` activations:
-/// rows `start .. start + len`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RowSpan {
-    pub start: usize,
-    pub len: usize,
 }
 
 /// Adds a per-row term to a linear layer's output: `y = W x + b + delta(site, x)`.
@@ -400,6 +393,7 @@ impl candle_core::CustomOp1 for FrozenProduct {
         let (CpuStorage::F32(v), Some((a, b))) = (storage, layout.contiguous_offsets()) else {
             candle_core::bail!("frozen-product: expects contiguous f32 activations")
         };
+        // A CPU op: the activations are in host memory.
         let x = Tensor::from_slice(&v[a..b], layout.shape(), &candle_core::Device::Cpu)?;
         let y = x.matmul(&self.w.t()?)?;
         let shape = y.shape().clone();

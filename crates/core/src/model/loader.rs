@@ -25,7 +25,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             requantize: Requantize::default(),
-            device: Device::Cpu,
+            device: crate::device::compute(),
         }
     }
 }
@@ -157,7 +157,7 @@ pub fn inspect_base(path: &Path) -> Result<BaseInfo> {
     }
     let store = WeightStore::open_gguf(path)?;
     let meta = store.gguf_metadata().expect("a GGUF store has metadata");
-    let config = gguf_config(meta, &store, path, &Device::Cpu)?;
+    let config = gguf_config(meta, &store, path, &crate::device::compute())?;
     let text = |k: &str| {
         meta.get(k)
             .and_then(|v| v.to_string().ok().cloned())

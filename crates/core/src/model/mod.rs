@@ -20,12 +20,9 @@ use std::path::PathBuf;
 pub use cache::SeqCache;
 pub use config::{Arch, ModelConfig, RopeScaling, RopeStyle};
 pub use decoder::{Decoder, LogitsAt, Requantize, RowInput};
-pub use generate::{
-    Decoding, FinishReason, GenerateParams, Generation, Next, Timings, check_request, generate,
-};
+pub use generate::{Decoding, GenerateParams, Generation, Next, Timings, check_request, generate};
 pub use linear::{
-    DENSE_PREFILL_MIN_ROWS, Linear, LinearWeight, NoDelta, QuantKernel, RowSpan, Site, SiteDelta,
-    SiteKind,
+    DENSE_PREFILL_MIN_ROWS, Linear, LinearWeight, NoDelta, QuantKernel, Site, SiteDelta, SiteKind,
 };
 pub use loader::{BaseInfo, LoadOptions, Model, inspect_base, strip_format_suffix};
 pub use sample::{Sampler, Sampling};

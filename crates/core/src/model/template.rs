@@ -6,17 +6,20 @@ use minijinja::{Environment, ErrorKind, context};
 use serde::Serialize;
 
 use super::{ModelError, Result};
+use crate::vocab::Role;
 
+/// One message of a conversation, as chat templates read it (`role` renders as `system`,
+/// `user` or `assistant`).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ChatMessage {
-    pub role: String,
+    pub role: Role,
     pub content: String,
 }
 
 impl ChatMessage {
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
         Self {
-            role: role.into(),
+            role,
             content: content.into(),
         }
     }

@@ -18,10 +18,11 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use super::{AdamW, Example, Result, TrainError, clip_grad_norm};
+use crate::batch::RowSpan;
 use crate::model::{
-    ChatMessage, Decoder, Model, ModelConfig, RopeStyle, RowInput, RowSpan, Site, SiteDelta,
-    SiteKind,
+    ChatMessage, Decoder, Model, ModelConfig, RopeStyle, RowInput, Site, SiteDelta, SiteKind,
 };
+use crate::vocab::Role;
 
 /// The paper's Alpaca prompt (no-input form) with the task input as the instruction.
 pub const ALPACA_TEMPLATE: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{input}\n\n### Response:\n";
@@ -200,7 +201,7 @@ impl Encoded {
 pub fn prompt_tokens(model: &Model, template: PromptTemplate, input: &str) -> Result<Vec<u32>> {
     Ok(match template {
         PromptTemplate::Alpaca => model.tokenizer.encode(&alpaca_prompt(input))?,
-        PromptTemplate::Chat => model.chat_prompt(&[ChatMessage::new("user", input)])?,
+        PromptTemplate::Chat => model.chat_prompt(&[ChatMessage::new(Role::User, input)])?,
     })
 }
 
@@ -250,8 +251,8 @@ fn answer_tokens(
         // The whole conversation rendered by the template carries its own end-of-turn marker.
         let full = t.render(
             &[
-                ChatMessage::new("user", input),
-                ChatMessage::new("assistant", target),
+                ChatMessage::new(Role::User, input),
+                ChatMessage::new(Role::Assistant, target),
             ],
             false,
         )?;
@@ -291,6 +292,7 @@ pub struct TrainableLora {
 impl TrainableLora {
     pub fn new(
         cfg: &ModelConfig,
+        device: &Device,
         targets: &[SiteKind],
         rank: usize,
         alpha: f64,
@@ -306,8 +308,8 @@ impl TrainableLora {
                 let a: Vec<f32> = (0..rank * in_f)
                     .map(|_| rng.random_range(-bound..bound))
                     .collect();
-                let a = Var::from_tensor(&Tensor::from_vec(a, (rank, in_f), &Device::Cpu)?)?;
-                let b = Var::zeros((out_f, rank), DType::F32, &Device::Cpu)?;
+                let a = Var::from_tensor(&Tensor::from_vec(a, (rank, in_f), device)?)?;
+                let b = Var::zeros((out_f, rank), DType::F32, device)?;
                 sites.insert(Site { layer, kind }, (a, b));
             }
         }
@@ -431,8 +433,8 @@ pub fn answer_nll(
         }
     }
     let n = at.len();
-    let at = Tensor::from_vec(at, n, &Device::Cpu)?;
-    let labels = Tensor::from_vec(labels, n, &Device::Cpu)?;
+    let at = Tensor::from_vec(at, n, hidden.device())?;
+    let labels = Tensor::from_vec(labels, n, hidden.device())?;
     let h = hidden.index_select(&at, 0)?;
     let logits = decoder.head(&h, &[RowSpan { start: 0, len: n }])?;
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
@@ -495,6 +497,7 @@ impl LoraTrainer {
         let decoder = base.dequantized()?;
         let lora = TrainableLora::new(
             decoder.config(),
+            decoder.device(),
             &cfg.targets,
             cfg.rank,
             cfg.alpha,
@@ -706,7 +709,7 @@ impl LoraTrainer {
         }
         let read = |key: String, like: &Tensor| -> Result<Tensor> {
             let view = st.tensor(&key).map_err(|e| bad(format!("{key}: {e}")))?;
-            let t = Tensor::from_raw_buffer(view.data(), DType::F32, view.shape(), &Device::Cpu)?;
+            let t = Tensor::from_raw_buffer(view.data(), DType::F32, view.shape(), like.device())?;
             if t.dims() != like.dims() {
                 return Err(bad(format!(
                     "{key}: shape {:?}, expected {:?}",

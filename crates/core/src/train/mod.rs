@@ -7,7 +7,6 @@ pub mod lora;
 pub mod retriever;
 pub mod router;
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Tensor, Var};
@@ -56,6 +55,8 @@ pub type Result<T, E = TrainError> = std::result::Result<T, E>;
 pub const MAX_EXAMPLES: usize = 100_000;
 /// Characters of one input or target.
 pub const MAX_EXAMPLE_CHARS: usize = 32_000;
+/// Bytes of an examples file (a full set of the longest examples fits).
+pub const MAX_EXAMPLES_FILE_BYTES: u64 = 8 << 30;
 
 /// One training example: the text the model reads and the text it should answer.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -67,58 +68,46 @@ pub struct Example {
 /// Reads JSON lines with `input` or `inputs` and `target` or `targets` (strings). Blank lines
 /// are skipped; any other bad line is an error naming its number.
 pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
-    let io = |source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
+    let field = |v: &serde_json::Value, names: [&str; 2]| -> std::result::Result<String, String> {
+        let text = crate::files::text_field(v, names)?;
+        let name = names[0];
+        if text.trim().is_empty() {
+            return Err(format!("\"{name}\" is empty"));
+        }
+        let n = text.chars().count();
+        if n > MAX_EXAMPLE_CHARS {
+            return Err(format!(
+                "\"{name}\" has {n} characters, the limit is {MAX_EXAMPLE_CHARS}"
+            ));
+        }
+        Ok(text.to_string())
     };
-    let file = std::fs::File::open(path).map_err(io)?;
-    let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(io)?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |message: String| TrainError::Data {
-            file: path.to_path_buf(),
-            line: i + 1,
-            message,
-        };
-        let v: serde_json::Value =
-            serde_json::from_str(&line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let field = |names: [&str; 2]| -> Result<String> {
-            let (name, value) = names
-                .iter()
-                .find_map(|k| v.get(*k).map(|x| (*k, x)))
-                .ok_or_else(|| {
-                    bad(format!(
-                        "needs a \"{}\" or \"{}\" field",
-                        names[0], names[1]
-                    ))
-                })?;
-            let text = value
-                .as_str()
-                .ok_or_else(|| bad(format!("\"{name}\" must be a string, not {value}")))?;
-            if text.trim().is_empty() {
-                return Err(bad(format!("\"{name}\" is empty")));
-            }
-            let n = text.chars().count();
-            if n > MAX_EXAMPLE_CHARS {
-                return Err(bad(format!(
-                    "\"{name}\" has {n} characters, the limit is {MAX_EXAMPLE_CHARS}"
-                )));
-            }
-            Ok(text.to_string())
-        };
-        out.push(Example {
-            input: field(["input", "inputs"])?,
-            target: field(["target", "targets"])?,
-        });
-        if out.len() > MAX_EXAMPLES {
-            return Err(bad(format!(
+    let mut count = 0;
+    let out = crate::files::read_json_lines(path, MAX_EXAMPLES_FILE_BYTES, |v| {
+        count += 1;
+        if count > MAX_EXAMPLES {
+            return Err(format!(
                 "more than {MAX_EXAMPLES} examples; the limit is {MAX_EXAMPLES}"
-            )));
+            ));
         }
-    }
+        Ok(Example {
+            input: field(v, ["input", "inputs"])?,
+            target: field(v, ["target", "targets"])?,
+        })
+    })
+    .map_err(|e| match e {
+        crate::files::JsonLinesError::Io { path, source } => TrainError::Io { path, source },
+        crate::files::JsonLinesError::Line {
+            path,
+            line,
+            message,
+        } => TrainError::Data {
+            file: path,
+            line,
+            message,
+        },
+        e @ crate::files::JsonLinesError::TooLarge { .. } => TrainError::Invalid(e.to_string()),
+    })?;
     if out.is_empty() {
         return Err(TrainError::Invalid(format!(
             "{}: no examples (JSON lines with \"input\" and \"target\")",
@@ -126,6 +115,24 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
         )));
     }
     Ok(out)
+}
+
+/// The name of an adapter trained in the app (also its folder name): trimmed, 1..=64 letters,
+/// digits, `-`, `_` or `.`, not starting with `.`.
+pub fn check_adapter_name(name: &str) -> Result<String> {
+    let name = name.trim();
+    let ok = !name.is_empty()
+        && name.chars().count() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !name.starts_with('.');
+    if !ok {
+        return Err(TrainError::Invalid(format!(
+            "adapter name {name:?} must be 1..=64 letters, digits, '-', '_' or '.' (not starting with '.')"
+        )));
+    }
+    Ok(name.to_string())
 }
 
 /// AdamW (decoupled weight decay) over a fixed list of variables. Its moments are plain tensors

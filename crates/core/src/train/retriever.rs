@@ -20,13 +20,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{D, Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use super::{AdamW, Result, TrainError, clip_grad_norm};
-use crate::embed::{Embedder, WeightPrecision, mean_pool_unit, read_config, tensor_prefix};
+use crate::embed::bert::{Bert, Ops, Weights};
+use crate::embed::{Embedder, WeightPrecision};
 use crate::model::WeightStore;
 use crate::retrieve::TaskProfile;
 
@@ -224,165 +225,23 @@ pub fn read_profiles(path: &Path) -> Result<Vec<TaskProfile>> {
 
 // ---- the trainable encoder -------------------------------------------------------------------
 
-/// A linear layer `y = x Wᵀ + b` with trainable `W` `[out, in]` and `b` `[out]`.
-struct Linear {
-    w: Var,
-    b: Var,
-}
-
-impl Linear {
-    /// `x` `[rows, in]` -> `[rows, out]`.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(&self.w.as_tensor().t()?)?
-            .broadcast_add(self.b.as_tensor())
-    }
-}
-
-/// LayerNorm over the last dimension with trainable scale and shift (`[h]` each), written in
-/// plain ops because candle's fused layer norm has no backward pass.
-struct Norm {
-    w: Var,
-    b: Var,
-    eps: f64,
-}
-
-impl Norm {
-    /// `x` `[.., h]` -> `[.., h]`.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = x.dim(D::Minus1)? as f64;
-        let mean = (x.sum_keepdim(D::Minus1)? / h)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = (centered.sqr()?.sum_keepdim(D::Minus1)? / h)?;
-        centered
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .broadcast_mul(self.w.as_tensor())?
-            .broadcast_add(self.b.as_tensor())
-    }
-}
-
-struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    attn_out: Linear,
-    attn_norm: Norm,
-    ffn_in: Linear,
-    ffn_out: Linear,
-    ffn_norm: Norm,
-}
-
-/// Softmax over the last dimension, differentiable (candle's fused one has no backward). The
-/// subtracted maximum is detached: softmax does not depend on it, so its gradient is zero.
-fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-
-/// The BERT encoder with mean pooling and L2 normalisation, every weight after the embedding
-/// tables a candle [`Var`]: the network of [`Embedder`]'s reference forward, trainable.
+/// The embedder's BERT network (`embed::bert`, the same code) with every weight after the
+/// embedding tables a candle [`Var`], run with differentiable ops.
 pub struct TrainableEncoder {
-    word: Tensor,
-    position: Tensor,
-    token_type: Tensor,
-    embed_norm: Norm,
-    layers: Vec<Layer>,
-    heads: usize,
-    hidden: usize,
+    bert: Bert,
     /// Every trainable tensor under its name in the source's safetensors, in load order.
     params: Vec<(String, Var)>,
-}
-
-/// Reads the encoder's tensors as trainable variables, remembering each one's name.
-struct ParamLoader<'a> {
-    st: &'a WeightStore,
-    device: Device,
-    params: Vec<(String, Var)>,
-    hidden: usize,
-    eps: f64,
-}
-
-impl ParamLoader<'_> {
-    fn var(&mut self, name: String, shape: &[usize]) -> Result<Var> {
-        let v = Var::from_tensor(&self.st.dense(&name, shape, &self.device)?)?;
-        self.params.push((name, v.clone()));
-        Ok(v)
-    }
-
-    fn linear(&mut self, name: &str, out: usize, inp: usize) -> Result<Linear> {
-        Ok(Linear {
-            w: self.var(format!("{name}.weight"), &[out, inp])?,
-            b: self.var(format!("{name}.bias"), &[out])?,
-        })
-    }
-
-    fn norm(&mut self, name: &str) -> Result<Norm> {
-        let h = self.hidden;
-        Ok(Norm {
-            w: self.var(format!("{name}.weight"), &[h])?,
-            b: self.var(format!("{name}.bias"), &[h])?,
-            eps: self.eps,
-        })
-    }
 }
 
 impl TrainableEncoder {
     /// Loads the encoder in `dir` (a folder [`Embedder::load`] accepts) with trainable weights.
     pub fn load(dir: &Path) -> Result<Self> {
-        let (cfg_path, _, cfg) = read_config(dir)?;
-        let (h, ff, heads) = (
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            cfg.num_attention_heads,
-        );
-        if heads == 0 || !h.is_multiple_of(heads) {
-            return Err(TrainError::Invalid(format!(
-                "{}: hidden_size {h} is not divisible by num_attention_heads {heads}",
-                cfg_path.display()
-            )));
-        }
-        let device = Device::Cpu;
-        let st = WeightStore::open_safetensors_dir(dir)?;
-        let p = tensor_prefix(&st);
-        let table = |name: &str, rows: usize| -> Result<Tensor> {
-            Ok(st.dense(&format!("{p}embeddings.{name}.weight"), &[rows, h], &device)?)
+        let mut weights = Weights::Trainable(Vec::new());
+        let (bert, _) = Bert::load(dir, &crate::device::compute(), &mut weights)?;
+        let Weights::Trainable(params) = weights else {
+            unreachable!("loaded as trainable")
         };
-        let word = table("word_embeddings", cfg.vocab_size)?;
-        let position = table("position_embeddings", cfg.max_position_embeddings)?;
-        let token_type = table("token_type_embeddings", cfg.type_vocab_size)?;
-        let mut ld = ParamLoader {
-            st: &st,
-            device: device.clone(),
-            params: Vec::new(),
-            hidden: h,
-            eps: cfg.layer_norm_eps,
-        };
-        let embed_norm = ld.norm(&format!("{p}embeddings.LayerNorm"))?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let l = format!("{p}encoder.layer.{i}");
-            layers.push(Layer {
-                query: ld.linear(&format!("{l}.attention.self.query"), h, h)?,
-                key: ld.linear(&format!("{l}.attention.self.key"), h, h)?,
-                value: ld.linear(&format!("{l}.attention.self.value"), h, h)?,
-                attn_out: ld.linear(&format!("{l}.attention.output.dense"), h, h)?,
-                attn_norm: ld.norm(&format!("{l}.attention.output.LayerNorm"))?,
-                ffn_in: ld.linear(&format!("{l}.intermediate.dense"), ff, h)?,
-                ffn_out: ld.linear(&format!("{l}.output.dense"), h, ff)?,
-                ffn_norm: ld.norm(&format!("{l}.output.LayerNorm"))?,
-            });
-        }
-        let params = ld.params;
-        Ok(Self {
-            word,
-            position,
-            token_type,
-            embed_norm,
-            layers,
-            heads,
-            hidden: h,
-            params,
-        })
+        Ok(Self { bert, params })
     }
 
     /// The trainable variables with their tensor names, in a fixed order.
@@ -394,59 +253,17 @@ impl TrainableEncoder {
     /// to the longest, masked, mean-pooled over the real tokens, L2-normalised. Returns
     /// `[batch, hidden]`, differentiable with respect to every variable.
     pub fn forward(&self, batch: &[&[u32]]) -> Result<Tensor> {
-        let device = Device::Cpu;
-        let b = batch.len();
-        if b == 0 {
+        if batch.is_empty() {
             return Err(TrainError::Invalid("no sequences to embed".into()));
         }
         let t = batch.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
-        let positions = self.position.dim(0)?;
+        let positions = self.bert.position.dim(0)?;
         if t > positions {
             return Err(TrainError::Invalid(format!(
                 "a sequence of {t} tokens exceeds the encoder's {positions} positions"
             )));
         }
-        let h = self.hidden;
-        let mut flat = vec![0u32; b * t];
-        let mut mask = vec![0f32; b * t];
-        for (r, s) in batch.iter().enumerate() {
-            flat[r * t..r * t + s.len()].copy_from_slice(s);
-            mask[r * t..r * t + s.len()].fill(1.0);
-        }
-        let ids = Tensor::from_vec(flat, b * t, &device)?;
-        let mask = Tensor::from_vec(mask, (b, t), &device)?;
-        let x = self
-            .word
-            .index_select(&ids, 0)?
-            .reshape((b, t, h))?
-            .broadcast_add(&self.position.narrow(0, 0, t)?)?
-            .broadcast_add(&self.token_type.narrow(0, 0, 1)?)?;
-        // Rows [b·t, h]: every linear layer is one GEMM over all tokens.
-        let mut x = self.embed_norm.forward(&x)?.reshape((b * t, h))?;
-        // Padded keys get a large negative bias, as in the reference forward.
-        let bias = ((mask.clone() - 1.0)? * 1e9)?.reshape((b, 1, 1, t))?;
-        let hd = h / self.heads;
-        let scale = 1.0 / (hd as f64).sqrt();
-        // [b·t, h] -> [b, heads, t, hd]
-        let split = |y: Tensor| -> candle_core::Result<Tensor> {
-            y.reshape((b, t, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        for l in &self.layers {
-            let q = split(l.query.forward(&x)?)?;
-            let k = split(l.key.forward(&x)?)?;
-            let v = split(l.value.forward(&x)?)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?; // [b, heads, t, t]
-            let a = softmax_last_dim(&scores)?
-                .matmul(&v)? // [b, heads, t, hd]
-                .transpose(1, 2)?
-                .reshape((b * t, h))?;
-            let y = l.attn_norm.forward(&(l.attn_out.forward(&a)? + &x)?)?;
-            let f = l.ffn_out.forward(&l.ffn_in.forward(&y)?.gelu_erf()?)?;
-            x = l.ffn_norm.forward(&(f + &y)?)?;
-        }
-        Ok(mean_pool_unit(&x.reshape((b, t, h))?, &mask)?)
+        Ok(self.bert.forward(batch, Ops::Differentiable)?)
     }
 
     /// [`TrainableEncoder::forward`] over many sequences: sorted by length into passes of a few
@@ -465,7 +282,7 @@ impl TrainableEncoder {
         for (pos, &i) in order.iter().enumerate() {
             inverse[i] = pos as u32;
         }
-        let inverse = Tensor::from_vec(inverse, seqs.len(), &Device::Cpu)?;
+        let inverse = Tensor::from_vec(inverse, seqs.len(), self.bert.word.device())?;
         Ok(sorted.index_select(&inverse, 0)?)
     }
 
@@ -928,6 +745,7 @@ fn write_folder(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn info_nce_matches_the_formula_in_f64() {

@@ -17,6 +17,7 @@ use super::{AdamW, Result, StepReport, TrainError, clip_grad_norm};
 use crate::adapter::LoraAdapter;
 use crate::model::{Decoder, SiteKind};
 use crate::router::{RoutedRow, RouterDelta, RouterLora, RouterMix, RouterSite, dropout_keep};
+use crate::vocab::{Scoring, TopK};
 
 /// Settings of a router training run.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
@@ -365,18 +366,12 @@ pub fn task_data(
     profiles: &[crate::retrieve::TaskProfile],
     train: &[crate::retrieve::TestInput],
     adapters_dir: &std::path::Path,
-    k: usize,
+    k: TopK,
     max_len: usize,
     held_out: &[crate::retrieve::TestInput],
 ) -> Result<(TaskData, Vec<RouterExample>)> {
-    use crate::index::Scoring;
     use crate::retrieve::RetrievalEval;
-    if k == 0 || k > crate::config::MAX_K {
-        return Err(TrainError::Invalid(format!(
-            "k {k}: must be 1 to {}",
-            crate::config::MAX_K
-        )));
-    }
+    let k = k.get();
     let tasks: Vec<String> = profiles.iter().map(|p| p.model_name.clone()).collect();
     if train.is_empty() {
         return Err(TrainError::Invalid("no training input".into()));
@@ -395,8 +390,7 @@ pub fn task_data(
             )));
         }
     }
-    let dirs = crate::tasks::adapter_dirs(adapters_dir, &tasks)
-        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let dirs = crate::adapter::task_dirs(adapters_dir, &tasks)?;
     let adapters: Vec<Arc<LoraAdapter>> = dirs
         .iter()
         .map(|d| LoraAdapter::load(d, &model.decoder).map(Arc::new))

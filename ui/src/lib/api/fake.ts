@@ -8,24 +8,29 @@ import type {
   ApiError,
   AppSettings,
   AppStatus,
-  ChatDetail,
   ChatEvent,
   ChatReply,
   ChatSession,
+  ErrorCode,
+  FinishReason,
   HubSearchRequest,
   InstallRequest,
-  Message,
+  Plan,
   ProgressEvent,
   Provenance,
   PullRequest,
+  ReplyGating,
   SendRequest,
   SetupRequest,
   TrainProgress,
   TrainRequest,
+  Transcript,
+  TranscriptMessage,
   AddLocalRequest,
   ServedAdapter,
   LayerGates,
 } from './types';
+import { DEFAULT_K, MAX_K } from './types';
 import type { EventChannel } from './index';
 
 export interface FakeOptions {
@@ -57,18 +62,22 @@ interface FakeState {
   adapters: AdapterDetail[];
   hub: AdapterHit[];
   sessions: ChatSession[];
-  messages: Map<number, Message[]>;
+  messages: Map<number, TranscriptMessage[]>;
   nextSession: number;
+  /** The next adapter's index key (never reused, as the shell's). */
+  nextKey: number;
   nextMessage: number;
   cancelled: Set<string>;
   running: Set<string>;
   /** A trained router exists for the base (plan `router`). */
   router: boolean;
+  /** The app_watch channels: each hears the status whenever the engine's state changes. */
+  watchers: EventChannel<AppStatus>[];
 }
 
 const BASE = 'HuggingFaceTB/SmolLM2-135M-Instruct';
 
-function err(code: string, message: string): ApiError {
+function err(code: ErrorCode, message: string): ApiError {
   return { code, message };
 }
 
@@ -77,12 +86,14 @@ function now(): string {
 }
 
 function adapter(
+  key: number,
   id: string,
   name: string,
   topic: string,
   extra: Partial<AdapterDetail> = {},
 ): AdapterDetail {
   return {
+    key,
     id,
     name,
     source: { kind: 'hub', repo: `community/${id}`, revision: 'main', commit: '3f9a2c1d8e7b6a5f4e3d2c1b0a9f8e7d6c5b4a39' },
@@ -109,15 +120,15 @@ function adapter(
 
 function initialState(ready: boolean): FakeState {
   const adapters = [
-    adapter('sql-lora', 'SQL writer', 'SQL queries'),
-    adapter('poetry-lora', 'Poetry', 'poems and rhymes', {
+    adapter(1, 'sql-lora', 'SQL writer', 'SQL queries'),
+    adapter(2, 'poetry-lora', 'Poetry', 'poems and rhymes', {
       ranks: [16],
       alpha: 32,
       target_modules: ['q_proj', 'k_proj', 'v_proj', 'o_proj'],
       size_bytes: 14_800_000,
       source: { kind: 'local', path: '/home/me/adapters/poetry-lora' },
     }),
-    adapter('math-lora', 'Math tutor', 'arithmetic and algebra', {
+    adapter(3, 'math-lora', 'Math tutor', 'arithmetic and algebra', {
       verdict: { compat: 'warning', reason: 'declared base differs (SmolLM2-135M); shapes match', base: BASE },
       license: null,
     }),
@@ -151,7 +162,7 @@ function initialState(ready: boolean): FakeState {
       hub_endpoint: null,
       hub_offline: false,
       threads: 0,
-      k: 3,
+      k: DEFAULT_K,
       scoring: 'cosine',
       gating: 'softmax:0.1',
       plan: 'auto',
@@ -187,9 +198,11 @@ function initialState(ready: boolean): FakeState {
     messages: new Map(),
     nextSession: 1,
     nextMessage: 1,
+    nextKey: adapters.length + 1,
     cancelled: new Set(),
     running: new Set(),
     router: false,
+    watchers: [],
   };
 }
 
@@ -335,6 +348,11 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
   const syncCount = () => {
     st.status.adapters = st.adapters.length;
   };
+  /** As the shell's set_engine: every watcher hears the new status. */
+  const setEngine = (engine: AppStatus['engine']) => {
+    st.status.engine = engine;
+    for (const w of st.watchers) w.onmessage(structuredClone(st.status));
+  };
 
   async function progress(task: string, ch: unknown, file: string, total: number, stages: ProgressEvent['stage'][]) {
     st.running.add(task);
@@ -356,23 +374,24 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
   function route(req: SendRequest, query: string): Provenance {
     const k = req.k ?? st.settings.k;
     const tau = Number(st.settings.gating.split(':')[1] ?? '0.1') || 0.1;
-    let plan: string = req.plan;
+    // `auto` is stored as what it resolved to.
+    let plan: Plan = req.plan === 'auto' ? 'none' : req.plan;
     let served: ServedAdapter[] = [];
-    let gating: string | null = st.settings.gating;
+    let gating: ReplyGating | null = st.settings.gating;
     if (req.pinned.length) {
       const pins = req.pinned.map((p) => ({ a: findAdapter(p.id), gate: p.gate }));
       const given = pins.map((p) => p.gate ?? 1 / pins.length);
       const s = given.reduce((a, b) => a + b, 0) || 1;
       served = pins.map((p, i) => ({ id: p.a.id, name: p.a.name, score: null, gate: given[i] / s }));
       gating = plan === 'router' ? null : 'given';
-      if (plan === 'auto') plan = served.length > 1 ? 'mixture' : 'selection';
-    } else if (plan !== 'none') {
+      if (req.plan === 'auto') plan = served.length > 1 ? 'mixture' : 'selection';
+    } else if (req.plan !== 'none') {
       const cands = st.adapters
         .filter((a) => a.enabled && a.verdict.compat !== 'incompatible' && !req.exclude.includes(a.id))
         .map((a) => ({ a, s: score(query, a) }))
         .sort((x, y) => y.s - x.s)
-        .slice(0, Math.max(1, Math.min(8, k)));
-      if (plan === 'auto') {
+        .slice(0, k);
+      if (req.plan === 'auto') {
         const [a, b] = cands;
         plan = !a ? 'none' : st.router ? 'router' : a.s >= 0.6 && (!b || a.s - b.s >= 0.25) ? 'selection' : 'mixture';
       }
@@ -398,12 +417,8 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
       scoring: st.settings.scoring,
       gating,
       adapters: served,
-      generation: {
-        max_tokens: req.params.max_tokens,
-        temperature: req.params.temperature,
-        top_p: req.params.top_p,
-        seed: req.params.seed,
-      },
+      // As the shell: the record comes with the finished reply, not with the routing event.
+      generation: null,
       layer_gates: null,
     };
   }
@@ -418,6 +433,9 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
 
   async function chatSend(req: SendRequest, ch: unknown): Promise<ChatReply> {
     needReady();
+    if (req.k !== null && !(Number.isInteger(req.k) && req.k >= 1 && req.k <= MAX_K)) {
+      throw err('invalid', `k = ${req.k} must be within 1..=${MAX_K}`);
+    }
     if (req.plan === 'router' && !st.router) {
       throw err('invalid', `plan router needs a trained router for ${st.status.base?.id ?? BASE}; train one or choose another plan`);
     }
@@ -438,7 +456,7 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
       session = findSession(req.session);
     }
     const msgs = st.messages.get(session.id)!;
-    let history: Message[];
+    let history: TranscriptMessage[];
     let query: string;
     let userId: number | null = null;
     if (action.kind === 'send') {
@@ -471,7 +489,7 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
     await sleep();
     // Store the user message now (send / edit), as the shell does.
     if (action.kind === 'send' || action.kind === 'edit') {
-      const u: Message = { id: st.nextMessage++, role: 'user', content: query, created_at: now(), provenance: null };
+      const u: TranscriptMessage = { id: st.nextMessage++, role: 'user', content: query, created_at: now(), provenance: null };
       history = [...history, u];
       userId = u.id;
       st.messages.set(session.id, history);
@@ -483,7 +501,7 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
     const full = replyText(query, prov);
     const chunks = full.match(/[\s\S]{1,6}/g) ?? [];
     let text = '';
-    let finish: ChatReply['finish_reason'] = 'eos';
+    let finish: FinishReason = 'eos';
     for (const c of chunks) {
       if (st.cancelled.has(req.stream_id)) {
         st.cancelled.delete(req.stream_id);
@@ -498,7 +516,19 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
     const generated = Math.max(1, Math.round(text.length / 4));
     const provenance: Provenance = {
       ...prov,
-      generation: { ...prov.generation, prompt_tokens: 24 + history.length * 12, generated_tokens: generated, finish_reason: finish },
+      generation: {
+        max_tokens: req.params.max_tokens,
+        temperature: req.params.temperature,
+        top_p: req.params.top_p,
+        top_k: 0,
+        // The shell draws a seed when none is given and records it; here one from the query.
+        seed: req.params.seed ?? Math.floor(noise('seed', query) * 2 ** 31),
+        stop: [],
+        prompt_tokens: 24 + history.length * 12,
+        generated_tokens: generated,
+        finish_reason: finish,
+        dropped_messages: 0,
+      },
     };
     if (prov.plan === 'router' && prov.adapters.length) {
       const lg = routerGates(query, text, prov.adapters);
@@ -507,7 +537,7 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
     }
     let replyId: number | null = null;
     if (action.kind !== 'compare') {
-      const m: Message = { id: st.nextMessage++, role: 'assistant', content: text, created_at: now(), provenance };
+      const m: TranscriptMessage = { id: st.nextMessage++, role: 'assistant', content: text, created_at: now(), provenance };
       st.messages.get(session.id)!.push(m);
       replyId = m.id;
       session.updated_at = now();
@@ -529,6 +559,9 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
     switch (cmd) {
       case 'app_status':
         return structuredClone(st.status);
+      case 'app_watch':
+        st.watchers.push(a.on_status as EventChannel<AppStatus>);
+        return structuredClone(st.status);
       case 'setup_models': {
         const r = a.request as SetupRequest;
         if (!r?.base_path?.trim()) throw err('invalid', 'choose a base model');
@@ -539,12 +572,10 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
         st.status.base = { id: r.base_id ?? name, path: r.base_path, architecture: 'llama', context: 8192, weight_bytes: 269_060_552 };
         st.status.embedder = { id: r.embedder_path.split('/').filter(Boolean).pop() ?? 'embedder', path: r.embedder_path };
         if (loadMs > 0) {
-          st.status.engine = 'loading';
-          setTimeout(() => {
-            st.status.engine = 'ready';
-          }, loadMs);
+          setEngine('loading');
+          setTimeout(() => setEngine('ready'), loadMs);
         } else {
-          st.status.engine = 'ready';
+          setEngine('ready');
         }
         return structuredClone(st.status);
       }
@@ -570,8 +601,15 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
         if (q === 'error') throw err('hub', 'the Hub answered 503 Service Unavailable');
         await sleep();
         let res = st.hub.filter((h) => !q || h.repo.toLowerCase().includes(q));
-        const key = r.sort === 'likes' ? 'likes' : 'downloads';
-        res = [...res].sort((x, y) => y[key] - x[key]).slice(0, r.limit);
+        if (r.sort === 'recent') {
+          res = [...res].sort((x, y) => (y.last_modified ?? '').localeCompare(x.last_modified ?? ''));
+        } else if (r.sort === 'likes' || r.sort === 'downloads') {
+          const key = r.sort;
+          res = [...res].sort((x, y) => y[key] - x[key]);
+        } else {
+          throw err('invalid', `unknown sort ${String(r.sort)}`);
+        }
+        res = res.slice(0, r.limit);
         return structuredClone(res);
       }
       case 'adapter_install': {
@@ -584,7 +622,7 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
         if (h.gated) throw err('hub', 'this repository is gated: accept its terms on the Hub and set a token');
         await progress(task, a.on_progress, 'adapter_model.safetensors', h.size ?? 1_000_000, ['validate', 'embed', 'commit']);
         const id = r.repo.split('/')[1];
-        const d = adapter(id, id.replace(/-lora$/, '').replace(/[-_]/g, ' '), id.replace(/-/g, ' '), {
+        const d = adapter(st.nextKey++, id, id.replace(/-lora$/, '').replace(/[-_]/g, ' '), id.replace(/-/g, ' '), {
           source: { kind: 'hub', repo: r.repo, revision: r.revision ?? 'main', commit: '9b1e0c7d2a4f6e8d0c2b4a6f8e0d2c4b6a8f0e2d' },
           verdict: { compat: h.verdict, reason: h.reason, base: BASE },
           installed_at: now(),
@@ -623,7 +661,7 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
         const folder = r.path.split('/').filter(Boolean).pop() ?? 'adapter';
         const id = folder.toLowerCase().replace(/[^a-z0-9-]+/g, '-');
         if (st.adapters.some((x) => x.id === id)) throw err('invalid', `an adapter "${id}" is already installed`);
-        const d = adapter(id, r.name?.trim() || folder, folder, { source: { kind: 'local', path: r.path }, installed_at: now() });
+        const d = adapter(st.nextKey++, id, r.name?.trim() || folder, folder, { source: { kind: 'local', path: r.path }, installed_at: now() });
         st.adapters.push(d);
         syncCount();
         return plain(d);
@@ -661,7 +699,7 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
         checkCancel(task);
         st.running.delete(task);
         const id = r.name.toLowerCase().replace(/[^a-z0-9-]+/g, '-');
-        const d = adapter(id, r.name, r.name, {
+        const d = adapter(st.nextKey++, id, r.name, r.name, {
           source: { kind: 'local', path: `${st.settings.data_dir}/adapters/${id}` },
           ranks: [r.rank],
           alpha: r.alpha,
@@ -675,7 +713,7 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
         return structuredClone([...st.sessions].sort((x, y) => y.updated_at.localeCompare(x.updated_at)));
       case 'chat_get': {
         const s = findSession(a.id);
-        return structuredClone({ session: s, messages: st.messages.get(s.id) ?? [] } satisfies ChatDetail);
+        return structuredClone({ session: s, messages: st.messages.get(s.id) ?? [] } satisfies Transcript);
       }
       case 'chat_rename': {
         const s = findSession(a.id);
@@ -714,7 +752,7 @@ export function createFakeBackend(opts: FakeOptions = {}): FakeBackend {
       case 'settings_set': {
         const s = a.settings as AppSettings;
         if (!s) throw err('invalid', 'no settings');
-        if (!(s.k >= 1 && s.k <= 8)) throw err('invalid', 'k must be between 1 and 8');
+        if (!(Number.isInteger(s.k) && s.k >= 1 && s.k <= MAX_K)) throw err('invalid', `k = ${s.k} must be within 1..=${MAX_K}`);
         if (!(s.temperature >= 0 && s.temperature <= 2)) throw err('invalid', 'temperature must be in 0..2');
         if (!(s.top_p > 0 && s.top_p <= 1)) throw err('invalid', 'top_p must be in (0, 1]');
         if (!/^(uniform|softmax:\d+(\.\d+)?)$/.test(s.gating)) throw err('invalid', 'gating is "uniform" or "softmax:<tau>"');

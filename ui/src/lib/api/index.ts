@@ -9,11 +9,12 @@ import type {
   ApiError,
   AppSettings,
   AppStatus,
-  ChatDetail,
   ChatEvent,
   ChatReply,
   ChatSession,
-  ExportResult,
+  ErrorCode,
+  ExportFormat,
+  Exported,
   HubSearchRequest,
   InstallRequest,
   ProgressEvent,
@@ -23,7 +24,9 @@ import type {
   SetupRequest,
   TrainProgress,
   TrainRequest,
+  Transcript,
 } from './types';
+import { ERROR_CODES } from './types';
 
 export * from './types';
 
@@ -47,11 +50,16 @@ export function setTransport(invoke: Invoke, channel?: MakeChannel): void {
   if (channel) makeChannel = channel;
 }
 
+function isErrorCode(code: unknown): code is ErrorCode {
+  return (ERROR_CODES as unknown[]).includes(code);
+}
+
 /** Turns whatever a command rejected with into an ApiError. */
 export function toApiError(e: unknown): ApiError {
   if (e && typeof e === 'object' && 'code' in e && 'message' in e) {
     const { code, message } = e as { code: unknown; message: unknown };
-    return { code: String(code), message: String(message) };
+    // A code the shell does not define is a bug, not something the UI can act on.
+    return { code: isErrorCode(code) ? code : 'internal', message: String(message) };
   }
   if (e instanceof Error) return { code: 'internal', message: e.message };
   return { code: 'internal', message: String(e) };
@@ -74,6 +82,11 @@ export function newTaskId(prefix = 'task'): string {
 
 export const api = {
   appStatus: () => call<AppStatus>('app_status'),
+  /**
+   * Resolves with the status now, then sends the new status through `onStatus` each time the
+   * engine's state changes (loading -> ready / failed, another base loading): no polling.
+   */
+  appWatch: (onStatus: (s: AppStatus) => void) => call<AppStatus>('app_watch', { on_status: makeChannel(onStatus) }),
   /** Records the base model and embedder, then loads the model (status.engine shows progress). */
   setupModels: (request: SetupRequest) => call<AppStatus>('setup_models', { request }),
   /** Downloads a base model or embedder from the Hub into the shared cache. */
@@ -108,14 +121,13 @@ export const api = {
     }),
 
   chatsList: () => call<ChatSession[]>('chats_list'),
-  chatGet: (id: number) => call<ChatDetail>('chat_get', { id }),
+  chatGet: (id: number) => call<Transcript>('chat_get', { id }),
   chatRename: (id: number, title: string) => call<ChatSession>('chat_rename', { id, title }),
   chatSetSystemPrompt: (id: number, systemPrompt: string | null) =>
     call<ChatSession>('chat_set_system_prompt', { id, system_prompt: systemPrompt }),
   chatDelete: (id: number) => call<void>('chat_delete', { id }),
   /** Writes the session to the Downloads folder (else the data folder) and returns it. */
-  chatExport: (id: number, format: 'json' | 'markdown') =>
-    call<ExportResult>('chat_export', { id, format }),
+  chatExport: (id: number, format: ExportFormat) => call<Exported>('chat_export', { id, format }),
   /** Streams a reply; resolves with the stored reply when done (Stop: finish_reason "cancelled"). */
   chatSend: (request: SendRequest, onEvent: (e: ChatEvent) => void) =>
     call<ChatReply>('chat_send', { request, on_event: makeChannel(onEvent) }),

@@ -8,11 +8,15 @@ import {
   type ChatAction,
   type ChatEvent,
   type ChatSession,
+  type ExportFormat,
+  type FinishReason,
   type GenerationParams,
-  type Message,
   type PlanChoice,
   type Provenance,
+  type Role,
   type SendRequest,
+  type TranscriptMessage,
+  MAX_K,
 } from '../api';
 import { pinsToRequest, renormalise, clamp01, type PinSlider } from '../gates';
 import { errors } from './errors.svelte';
@@ -21,11 +25,11 @@ export interface UiMessage {
   /** Stable local key (ids arrive only once the shell stored the message). */
   key: string;
   id: number | null;
-  role: 'user' | 'assistant' | 'system';
+  role: Role;
   content: string;
   provenance: Provenance | null;
   streaming: boolean;
-  finish_reason: string | null;
+  finish_reason: FinishReason | null;
   error: string | null;
 }
 
@@ -46,8 +50,7 @@ const key = (p: string) => `${p}${++nextKey}`;
 
 export const DEFAULT_PARAMS: GenerationParams = { max_tokens: 256, temperature: 0.7, top_p: 0.9, seed: null };
 
-function fromMessage(m: Message): UiMessage {
-  const fr = m.provenance?.generation?.['finish_reason'];
+function fromMessage(m: TranscriptMessage): UiMessage {
   return {
     key: key('m'),
     id: m.id,
@@ -55,7 +58,7 @@ function fromMessage(m: Message): UiMessage {
     content: m.content,
     provenance: m.provenance,
     streaming: false,
-    finish_reason: typeof fr === 'string' ? fr : null,
+    finish_reason: m.provenance?.generation?.finish_reason ?? null,
     error: null,
   };
 }
@@ -64,12 +67,12 @@ function placeholder(): UiMessage {
   return { key: key('r'), id: null, role: 'assistant', content: '', provenance: null, streaming: true, finish_reason: null, error: null };
 }
 
-/** k from the number input: integer 1..8, or null (empty = the settings' k). */
+/** k from the number input: integer 1..MAX_K (the core's limit), or null (empty = the settings' k). */
 export function parseK(v: unknown): number | null {
   if (v === null || v === undefined || v === '') return null;
   const n = typeof v === 'number' ? v : Number(v);
   if (!Number.isFinite(n)) return null;
-  return Math.max(1, Math.min(8, Math.round(n)));
+  return Math.max(1, Math.min(MAX_K, Math.round(n)));
 }
 
 export class ChatStore {
@@ -190,7 +193,7 @@ export class ChatStore {
     }
   }
 
-  async exportChat(id: number, format: 'json' | 'markdown'): Promise<string | null> {
+  async exportChat(id: number, format: ExportFormat): Promise<string | null> {
     this.busy = true;
     try {
       return (await api.chatExport(id, format)).path;

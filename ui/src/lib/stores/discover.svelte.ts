@@ -1,5 +1,5 @@
 // Discover: Hub search state and installs in progress (per repository).
-import { api, newTaskId, toApiError, type AdapterHit, type ApiError, type HubSort, type ProgressEvent } from '../api';
+import { api, newTaskId, toApiError, type AdapterHit, type ApiError, type ProgressEvent, type Sort } from '../api';
 import { errors } from './errors.svelte';
 
 export interface InstallState {
@@ -9,16 +9,16 @@ export interface InstallState {
   running: boolean;
 }
 
-export const SORTS: { value: HubSort; label: string }[] = [
+// Exactly the shell's orders (generated Sort): a Hub order it does not know would be refused.
+export const SORTS: { value: Sort; label: string }[] = [
   { value: 'downloads', label: 'Most downloads' },
   { value: 'likes', label: 'Most likes' },
-  { value: 'trending', label: 'Trending' },
-  { value: 'updated', label: 'Recently updated' },
+  { value: 'recent', label: 'Recently updated' },
 ];
 
 export class DiscoverStore {
   query = $state('');
-  sort = $state<HubSort>('downloads');
+  sort = $state<Sort>('downloads');
   limit = $state(30);
   results = $state<AdapterHit[]>([]);
   searching = $state(false);

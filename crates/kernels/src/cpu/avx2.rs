@@ -1,0 +1,382 @@
+//! The AVX2 set (with FMA and F16C, which every AVX2 CPU has): 8-lane bodies of every routine.
+//! Each function here is the fast path of a routine whose portable reference and dispatch live
+//! in the routine's own module; callers reach these only through that dispatch, after
+//! [`crate::Isa::detect`] found the features.
+
+use std::arch::x86_64::*;
+
+use crate::activation::{ERF_ALPHA, ERF_BETA};
+use crate::gemm::{KIND_F16, KIND_I8, NR, PREFETCH_BYTES, Tile};
+use crate::qdot::{Q8_0_BYTES, QK, WeightRow};
+
+// ---- activation -----------------------------------------------------------------------------
+/// GELU on 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub fn gelu(x: __m256) -> __m256 {
+    let e = erf(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2),
+    ));
+    let half_x = _mm256_mul_ps(x, _mm256_set1_ps(0.5));
+    _mm256_fmadd_ps(half_x, e, half_x)
+}
+
+/// erf on 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub fn erf(x: __m256) -> __m256 {
+    let x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(4.0)), _mm256_set1_ps(-4.0));
+    let x2 = _mm256_mul_ps(x, x);
+    let mut p = _mm256_fmadd_ps(
+        x2,
+        _mm256_set1_ps(ERF_ALPHA[0]),
+        _mm256_set1_ps(ERF_ALPHA[1]),
+    );
+    for &a in &ERF_ALPHA[2..] {
+        p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(a));
+    }
+    let p = _mm256_mul_ps(x, p);
+    let mut q = _mm256_fmadd_ps(x2, _mm256_set1_ps(ERF_BETA[0]), _mm256_set1_ps(ERF_BETA[1]));
+    for &b in &ERF_BETA[2..] {
+        q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(b));
+    }
+    _mm256_div_ps(p, q)
+}
+
+/// `exp(x)` on 8 lanes (Cephes expf: range reduction by ln 2, degree-6 polynomial), about
+/// 1 ulp; inputs below -87 give 0 or a denormal-free tiny value.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub fn exp(x: __m256) -> __m256 {
+    let x = _mm256_max_ps(
+        _mm256_min_ps(x, _mm256_set1_ps(88.376_26)),
+        _mm256_set1_ps(-87.336_55),
+    );
+    let fx = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    // ln 2 split in two so `x - fx·ln 2` keeps its low bits.
+    let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut y = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    }
+    let r2 = _mm256_mul_ps(r, r);
+    let y = _mm256_fmadd_ps(y, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+    let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(fx),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
+}
+
+/// `row[i] = exp((row[i] - max) · scale)`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn exp_shifted(row: &mut [f32], max: f32, scale: f32) {
+    let (m, s) = (_mm256_set1_ps(max), _mm256_set1_ps(scale));
+    let mut chunks = row.chunks_exact_mut(8);
+    for c in &mut chunks {
+        // SAFETY: `c` holds exactly 8 floats.
+        unsafe {
+            let v = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m), s);
+            _mm256_storeu_ps(c.as_mut_ptr(), exp(v));
+        }
+    }
+    for v in chunks.into_remainder() {
+        *v = ((*v - max) * scale).exp();
+    }
+}
+
+// ---- gemm -----------------------------------------------------------------------------------
+
+/// # Safety
+/// `t`'s pointers must be valid for `R` rows, its panel of the element type `KIND` names
+/// (`KIND_*`); the CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn tile<const R: usize, const KIND: u8>(t: &Tile) {
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let mut rows = [std::ptr::null::<f32>(); R];
+    for (r, p) in rows.iter_mut().enumerate() {
+        // SAFETY: row `r < R` of `a` is valid.
+        *p = unsafe { t.a.add(r * t.lda) };
+    }
+    let line_bytes = match KIND {
+        KIND_F16 => 2 * NR,
+        KIND_I8 => NR,
+        _ => 4 * NR,
+    };
+    let mut b = t.b;
+    for kk in 0..t.k {
+        // SAFETY: `b` walks the panel's `k` aligned lines; `rows[r] + kk` stays in row `r`'s
+        // `k` floats. A prefetch never faults, so its address may run past the panel.
+        unsafe {
+            if t.prefetch {
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH_BYTES).cast());
+            }
+            let (b0, b1) = match KIND {
+                KIND_F16 => {
+                    let h = b.cast::<__m128i>();
+                    (
+                        _mm256_cvtph_ps(_mm_load_si128(h)),
+                        _mm256_cvtph_ps(_mm_load_si128(h.add(1))),
+                    )
+                }
+                KIND_I8 => {
+                    let q = _mm_load_si128(b.cast::<__m128i>());
+                    (
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)),
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(q, q))),
+                    )
+                }
+                _ => (
+                    _mm256_load_ps(b.cast()),
+                    _mm256_load_ps(b.cast::<f32>().add(8)),
+                ),
+            };
+            for r in 0..R {
+                let x = _mm256_broadcast_ss(&*rows[r].add(kk));
+                acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
+            }
+            b = b.add(line_bytes);
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { store_row::<KIND>(t, r, acc[0], acc[1]) };
+    }
+}
+
+/// The epilogue of row `r` of a tile: `acc · scale + bias` (columns `0..8` in `acc0`, `8..16`
+/// in `acc1`), GELU, the residual, then the store.
+///
+/// # Safety
+/// The bias (and the scales, int8) is one aligned line; `c` and the residual are valid for
+/// `cols` columns of row `r`; the CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn store_row<const KIND: u8>(t: &Tile, r: usize, acc0: __m256, acc1: __m256) {
+    // SAFETY: whole 8-float stores happen only when `cols == NR`; the rest is the contract.
+    unsafe {
+        let bias0 = _mm256_load_ps(t.bias);
+        let bias1 = _mm256_load_ps(t.bias.add(8));
+        let (scale0, scale1) = if KIND == KIND_I8 {
+            (_mm256_load_ps(t.scale), _mm256_load_ps(t.scale.add(8)))
+        } else {
+            (_mm256_set1_ps(1.0), _mm256_set1_ps(1.0))
+        };
+        let mut v0 = _mm256_fmadd_ps(acc0, scale0, bias0);
+        let mut v1 = _mm256_fmadd_ps(acc1, scale1, bias1);
+        if t.gelu {
+            v0 = gelu(v0);
+            v1 = gelu(v1);
+        }
+        let c = t.c.add(r * t.ldc);
+        let res = t.res.wrapping_add(r * t.ldr);
+        if t.cols == NR {
+            if !t.res.is_null() {
+                v0 = _mm256_add_ps(v0, _mm256_loadu_ps(res));
+                v1 = _mm256_add_ps(v1, _mm256_loadu_ps(res.add(8)));
+            }
+            _mm256_storeu_ps(c, v0);
+            _mm256_storeu_ps(c.add(8), v1);
+        } else {
+            let mut tmp = [0f32; NR];
+            _mm256_storeu_ps(tmp.as_mut_ptr(), v0);
+            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), v1);
+            for (j, &v) in tmp[..t.cols].iter().enumerate() {
+                let add = if t.res.is_null() { 0.0 } else { *res.add(j) };
+                *c.add(j) = v + add;
+            }
+        }
+    }
+}
+
+// ---- lowrank --------------------------------------------------------------------------------
+
+/// The low-rank loops compiled for AVX2+FMA.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; the operands fit `shape` (asserted by the caller).
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn lowrank<T: crate::lowrank::Elem>(
+    shape: crate::lowrank::LowRank,
+    a: &[T],
+    b_t: &[T],
+    x: &[f32],
+    scales: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    shape.apply_portable(a, b_t, x, scales, y)
+}
+
+// ---- qdot -----------------------------------------------------------------------------------
+
+/// `out[r] = dot(x[r], w)` for `rows <= MR` rows of `x` `[rows, k]`, `k % 32 == 0`.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; the lengths fit (asserted by `qdot::dot_rows`).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn qdot_rows(
+    w: WeightRow<'_>,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    // Few rows give few independent FMA chains; with P partial sums per row there are
+    // rows * P chains, enough to cover the FMA latency (4 cycles, 2 units on Zen3).
+    // SAFETY (all arms): the features are enabled on this function; lengths asserted by the
+    // caller.
+    unsafe {
+        match rows {
+            1 => qdot_kernel::<1, 4>(w, x, k, out),
+            2 => qdot_kernel::<2, 4>(w, x, k, out),
+            3 => qdot_kernel::<3, 2>(w, x, k, out),
+            4 => qdot_kernel::<4, 2>(w, x, k, out),
+            5 => qdot_kernel::<5, 1>(w, x, k, out),
+            6 => qdot_kernel::<6, 1>(w, x, k, out),
+            7 => qdot_kernel::<7, 1>(w, x, k, out),
+            _ => qdot_kernel::<8, 1>(w, x, k, out),
+        }
+    }
+}
+
+/// Eight f32 weights of chunk `c` (0..4) of block `b`: for Q8_0 sign-extended, converted and
+/// scaled by the block's `d` (exact in f32: 8-bit times 11-bit mantissa), as candle's
+/// `to_float` computes them.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn qdot_block(w: WeightRow<'_>, b: usize) -> [__m256; 4] {
+    match w {
+        WeightRow::Q8_0(bytes) => {
+            let p = bytes[b * Q8_0_BYTES..(b + 1) * Q8_0_BYTES].as_ptr();
+            // SAFETY: the slice above holds the 34 bytes read here (2-byte scale, 4 x 8
+            // bytes); unaligned loads.
+            unsafe {
+                let bits = u16::from_le_bytes([*p, *p.add(1)]);
+                let d = _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+                    bits,
+                )))));
+                let q = p.add(2);
+                [
+                    qdot_q8_chunk(q, d),
+                    qdot_q8_chunk(q.add(8), d),
+                    qdot_q8_chunk(q.add(16), d),
+                    qdot_q8_chunk(q.add(24), d),
+                ]
+            }
+        }
+        WeightRow::F32(v) => {
+            let p = v[b * QK..(b + 1) * QK].as_ptr();
+            // SAFETY: the slice above holds the 32 values read here.
+            unsafe {
+                [
+                    _mm256_loadu_ps(p),
+                    _mm256_loadu_ps(p.add(8)),
+                    _mm256_loadu_ps(p.add(16)),
+                    _mm256_loadu_ps(p.add(24)),
+                ]
+            }
+        }
+    }
+}
+
+/// Eight signed bytes at `q` as f32, times `d`.
+///
+/// # Safety
+/// AVX2/F16C; `q` points at 8 readable bytes.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn qdot_q8_chunk(q: *const u8, d: __m256) -> __m256 {
+    // SAFETY: 8 readable bytes at `q` (caller); unaligned load.
+    let i8s = unsafe { _mm_loadl_epi64(q.cast()) };
+    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(i8s)), d)
+}
+
+/// `R` rows, `P` partial sums per row (chunk `c` of a block goes to sum `c % P`).
+///
+/// # Safety
+/// AVX2/FMA/F16C; `x.len() == R * k`, `out.len() == R`, `w` holds `k` weights.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn qdot_kernel<const R: usize, const P: usize>(
+    w: WeightRow<'_>,
+    x: &[f32],
+    k: usize,
+    out: &mut [f32],
+) {
+    let mut acc = [[_mm256_setzero_ps(); P]; R];
+    let xp = x.as_ptr();
+    for b in 0..k / QK {
+        // SAFETY: `qdot_block` reads inside `w` (asserted by `qdot::dot_rows`); each x load reads
+        // 8 values at r * k + b * 32 + 8 * c < R * k = x.len().
+        unsafe {
+            let wv = qdot_block(w, b);
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xr = xp.add(r * k + b * QK);
+                for (c, &wc) in wv.iter().enumerate() {
+                    a[c % P] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(xr.add(8 * c)), a[c % P]);
+                }
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(&acc) {
+        let mut s = a[0];
+        for &v in &a[1..] {
+            s = _mm256_add_ps(s, v);
+        }
+        *o = hsum(s);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+// ---- scan -----------------------------------------------------------------------------------
+
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `rows.len() >= out.len() * q.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn scan_f16(q: &[f32], rows: &[u16], out: &mut [f32]) {
+    let d = q.len();
+    let body = d / 32 * 32;
+    for (o, row) in out.iter_mut().zip(rows.chunks_exact(d)) {
+        // SAFETY: every load reads elements `j..j + 8` with `j + 8 <= body <= d` of a
+        // `d`-long row and query.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let (r, qp) = (row.as_ptr(), q.as_ptr());
+            let mut j = 0;
+            while j < body {
+                for (u, a) in acc.iter_mut().enumerate() {
+                    let at = j + 8 * u;
+                    let h = _mm256_cvtph_ps(_mm_loadu_si128(r.add(at).cast()));
+                    *a = _mm256_fmadd_ps(h, _mm256_loadu_ps(qp.add(at)), *a);
+                }
+                j += 32;
+            }
+            let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+            let tail: f32 = row[body..]
+                .iter()
+                .zip(&q[body..])
+                .map(|(&h, &x)| half::f16::from_bits(h).to_f32() * x)
+                .sum();
+            *o = _mm_cvtss_f32(s) + tail;
+        }
+    }
+}

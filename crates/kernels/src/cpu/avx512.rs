@@ -1,0 +1,171 @@
+//! The AVX-512 set: the packed GEMM's tiles of up to 12 rows × 2 panels (one zmm per row and
+//! panel), over rows copied k-major first so one pointer reaches every row of a tile. The
+//! epilogue is the AVX2 one (`cpu/avx2.rs`).
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::avx2::store_row;
+use crate::gemm::{
+    CHUNK_BYTES, Epilogue, KIND_F16, KIND_F32, KIND_I8, MR_512, NR, PREFETCH_BYTES, PackedMatrix,
+    RowTiles, Storage, Tile,
+};
+
+/// The gemm's panels on the AVX-512 kernels, over `tiles` of `a` packed by [`RowTiles::pack`].
+///
+/// # Safety
+/// As `gemm::gemm_panels`'s; the CPU must support AVX-512F, AVX2, FMA and F16C.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_panels(
+    tiles: &RowTiles,
+    packed: &[f32],
+    m: usize,
+    w: &PackedMatrix,
+    epi: Epilogue<'_>,
+    c: *mut f32,
+    ldc: usize,
+    panels: Range<usize>,
+) {
+    let k = w.k;
+    let tile_at = |i: usize, p: usize, prefetch: bool| -> Tile {
+        let rows = tiles.rows(i);
+        debug_assert!(rows.end <= m && p < w.panels());
+        // SAFETY: rows `rows` < m and panel `p`'s columns lie inside the buffers the caller
+        // vouched for; the tile's packed rows are `rows.len() × k`.
+        unsafe {
+            let a = packed.as_ptr().add(rows.start * k);
+            Tile::at(a, rows.len(), w, p, epi, c, ldc, rows.start, prefetch)
+        }
+    };
+    // Tiles are taken in groups whose rows stay hot in L2 across all the panels.
+    let chunk_rows = (CHUNK_BYTES / (4 * k.max(1))).max(MR_512);
+    let mut first = 0;
+    while first < tiles.len() {
+        let mut last = first + 1;
+        while last < tiles.len() && tiles.bounds[last + 1] - tiles.bounds[first] <= chunk_rows {
+            last += 1;
+        }
+        for p in panels.clone().step_by(2) {
+            for i in first..last {
+                let t = tile_at(i, p, i == first);
+                let mr = tiles.rows(i).len();
+                // SAFETY: the tiles point into valid buffers (above); the caller detected
+                // AVX-512.
+                unsafe {
+                    if p + 1 < panels.end {
+                        tile(mr, &t, Some(&tile_at(i, p + 1, i == first)));
+                    } else {
+                        tile(mr, &t, None);
+                    }
+                }
+            }
+        }
+        first = last;
+    }
+}
+
+/// # Safety
+/// `t`'s (and `t1`'s) pointers must be valid for `mr ≤ MR_512` rows, `t.a` a k-major tile; the
+/// CPU must support AVX-512F, AVX2, FMA and F16C.
+unsafe fn tile(mr: usize, t: &Tile, t1: Option<&Tile>) {
+    macro_rules! by_rows {
+        ($kind:expr, $pair:expr, $t1:expr) => {
+            // SAFETY: forwarded from this function's contract.
+            unsafe {
+                match mr {
+                    1 => tile_rows::<1, { $kind }, $pair>(t, $t1),
+                    2 => tile_rows::<2, { $kind }, $pair>(t, $t1),
+                    3 => tile_rows::<3, { $kind }, $pair>(t, $t1),
+                    4 => tile_rows::<4, { $kind }, $pair>(t, $t1),
+                    5 => tile_rows::<5, { $kind }, $pair>(t, $t1),
+                    6 => tile_rows::<6, { $kind }, $pair>(t, $t1),
+                    7 => tile_rows::<7, { $kind }, $pair>(t, $t1),
+                    8 => tile_rows::<8, { $kind }, $pair>(t, $t1),
+                    9 => tile_rows::<9, { $kind }, $pair>(t, $t1),
+                    10 => tile_rows::<10, { $kind }, $pair>(t, $t1),
+                    11 => tile_rows::<11, { $kind }, $pair>(t, $t1),
+                    _ => tile_rows::<MR_512, { $kind }, $pair>(t, $t1),
+                }
+            }
+        };
+    }
+    match (t.storage, t1) {
+        (Storage::F32, Some(t1)) => by_rows!(KIND_F32, 2, t1),
+        (Storage::F16, Some(t1)) => by_rows!(KIND_F16, 2, t1),
+        (Storage::Int8, Some(t1)) => by_rows!(KIND_I8, 2, t1),
+        (Storage::F32, None) => by_rows!(KIND_F32, 1, t),
+        (Storage::F16, None) => by_rows!(KIND_F16, 1, t),
+        (Storage::Int8, None) => by_rows!(KIND_I8, 1, t),
+        (Storage::Bf16, _) => unreachable!("bf16 panels run on the tiles or the portable kernel"),
+    }
+}
+
+/// One `R × P·NR` tile over `P` (1 or 2) adjacent panels, `t` and `t1` (the same rows; `t1` is
+/// ignored when `P` is 1), one zmm accumulator per row and panel. Each row's value is broadcast
+/// once per step for both panels: with one FMA per broadcast the kernel is bound by the loads.
+/// Same products and the same order of sums as the AVX2 tile, so both give the same bits.
+///
+/// # Safety
+/// As [`tile`]'s, with `R` rows and panels of the element type `KIND` names.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn tile_rows<const R: usize, const KIND: u8, const P: usize>(t: &Tile, t1: &Tile) {
+    // Two flat arrays, not `[[_; P]; R]`: LLVM keeps these in registers.
+    let mut acc0 = [_mm512_setzero_ps(); R];
+    let mut acc1 = [_mm512_setzero_ps(); R];
+    let line_bytes = match KIND {
+        KIND_F16 => 2 * NR,
+        KIND_I8 => NR,
+        _ => 4 * NR,
+    };
+    let load = |b: *const u8| -> __m512 {
+        // SAFETY: `b` is one aligned line of the panel (the caller's loop bounds it).
+        unsafe {
+            match KIND {
+                KIND_F16 => _mm512_cvtph_ps(_mm256_load_si256(b.cast())),
+                KIND_I8 => _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(b.cast()))),
+                _ => _mm512_load_ps(b.cast()),
+            }
+        }
+    };
+    let (mut b0, mut b1, mut a) = (t.b, t1.b, t.a);
+    for _ in 0..t.k {
+        // SAFETY: `b0` and `b1` walk their panels' `k` aligned lines and `a` the tile's `k`
+        // steps of `R` floats. A prefetch never faults, so its address may run past the panel.
+        unsafe {
+            if t.prefetch {
+                _mm_prefetch::<_MM_HINT_T0>(b0.wrapping_add(PREFETCH_BYTES).cast());
+                if P == 2 {
+                    _mm_prefetch::<_MM_HINT_T0>(b1.wrapping_add(PREFETCH_BYTES).cast());
+                }
+            }
+            let w0 = load(b0);
+            let w1 = if P == 2 { load(b1) } else { w0 };
+            for r in 0..R {
+                let x = _mm512_set1_ps(*a.add(r));
+                acc0[r] = _mm512_fmadd_ps(x, w0, acc0[r]);
+                if P == 2 {
+                    acc1[r] = _mm512_fmadd_ps(x, w1, acc1[r]);
+                }
+            }
+            b0 = b0.add(line_bytes);
+            b1 = b1.add(line_bytes);
+            a = a.add(R);
+        }
+    }
+    let halves = |v: __m512| {
+        (
+            _mm512_castps512_ps256(v),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
+        )
+    };
+    for r in 0..R {
+        let (lo, hi) = halves(acc0[r]);
+        // SAFETY: forwarded from this function's contract.
+        unsafe { store_row::<KIND>(t, r, lo, hi) };
+        if P == 2 {
+            let (lo, hi) = halves(acc1[r]);
+            // SAFETY: as above.
+            unsafe { store_row::<KIND>(t1, r, lo, hi) };
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! The integration tests of the fake Hub, one module per area, in one test binary.
+
+mod common;
+mod faults;
+mod files;
+mod listing;
