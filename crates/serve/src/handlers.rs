@@ -12,14 +12,13 @@ use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use ramole_core::catalog::Compat;
 use ramole_core::chat::{self, PreparedTurn, RouteAsk};
-use ramole_core::engine::{Engine, EngineError, Finished, JobEvent};
+use ramole_core::engine::{Engine, EngineError, JobEvent};
 use ramole_core::library::Library;
-use ramole_core::model::GenerateParams;
-use ramole_core::vocab::{FinishReason, Provenance};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::mpsc::unbounded_channel;
 
 use crate::error::ApiError;
+use crate::reply::Reply;
 use crate::request::{CompletionRequest, parse_request};
 use crate::sse::SseEvents;
 
@@ -184,54 +183,5 @@ pub(crate) async fn completions(
                 None => return Err(EngineError::Stopped.into()),
             }
         }
-    }
-}
-
-/// What every answer to one request repeats.
-pub(crate) struct Reply {
-    id: String,
-    created: u64,
-    model: String,
-    provenance: Provenance,
-    params: GenerateParams,
-    dropped: usize,
-}
-
-pub(crate) fn finish_reason(r: FinishReason) -> &'static str {
-    match r {
-        FinishReason::Eos | FinishReason::Stop | FinishReason::Cancelled => "stop",
-        FinishReason::Length => "length",
-    }
-}
-
-impl Reply {
-    pub(crate) fn provenance(&self, f: &Finished) -> Provenance {
-        chat::finished_provenance(&self.provenance, &self.params, f, self.dropped)
-    }
-
-    pub(crate) fn usage(f: &Finished) -> Value {
-        let g = &f.generation;
-        json!({"prompt_tokens": g.prompt_tokens, "completion_tokens": g.generated_tokens,
-               "total_tokens": g.prompt_tokens + g.generated_tokens})
-    }
-
-    fn complete(&self, f: &Finished) -> Value {
-        let g = &f.generation;
-        json!({
-            "id": self.id, "object": "chat.completion", "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text},
-                         "finish_reason": finish_reason(g.finish_reason)}],
-            "usage": Self::usage(f),
-            "ramole": {"provenance": self.provenance(f)},
-        })
-    }
-
-    pub(crate) fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
-        json!({
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        })
     }
 }

@@ -6,13 +6,14 @@
 //! answer carries the provenance. Nothing is stored: the API is stateless like OpenAI's.
 //!
 //! `request` holds the typed OpenAI request and its checks, `handlers` the state and handlers,
-//! `sse` the streamed answer, `error` what a client sees when something is wrong. The async side
+//! `reply` the answer's objects, `sse` the streamed answer, `error` what a client sees when something is wrong. The async side
 //! only parses, routes events and writes bytes: retrieval (embedding) runs on tokio's blocking
 //! pool and generation on the engine's thread. Concurrent clients share the engine's batches; a
 //! client that goes away cancels its row.
 
 mod error;
 mod handlers;
+mod reply;
 mod request;
 mod sse;
 

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::error::ApiError;
-use crate::handlers::{Reply, finish_reason};
+use crate::reply::{Reply, finish_reason};
 
 /// The server-sent events of one streamed answer: a role chunk, content chunks, a final chunk
 /// with the finish reason and the provenance (and usage when asked), then `[DONE]`. Dropping it

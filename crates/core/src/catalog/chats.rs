@@ -5,7 +5,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 use ts_rs::TS;
 
-use super::provenance::insert_reply;
+use super::provenance;
 use super::{Catalog, CatalogError, Result, sql_err};
 use crate::vocab::{Provenance, Role};
 
@@ -230,7 +230,19 @@ fn message_from_row(r: &Row<'_>) -> rusqlite::Result<StoredMessage> {
     })
 }
 
-pub(super) fn insert_message(
+/// Inserts an assistant message and its provenance rows.
+fn insert_reply(
+    tx: &rusqlite::Transaction<'_>,
+    chat_id: i64,
+    content: &str,
+    prov: &Provenance,
+) -> rusqlite::Result<i64> {
+    let id = insert_message(tx, chat_id, Role::Assistant, content)?;
+    provenance::insert(tx, id, prov)?;
+    Ok(id)
+}
+
+fn insert_message(
     conn: &Connection,
     chat_id: i64,
     role: Role,

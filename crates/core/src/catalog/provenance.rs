@@ -4,10 +4,9 @@
 
 use rusqlite::{OptionalExtension, Row, Transaction, params};
 
-use super::chats::insert_message;
 use super::{Catalog, CatalogError, Result};
 use crate::vocab::{
-    FinishReason, GenerationRecord, LayerGates, Plan, Provenance, ReplyGating, Role, Scoring,
+    FinishReason, GenerationRecord, LayerGates, Plan, Provenance, ReplyGating, Scoring,
     ServedAdapter,
 };
 
@@ -143,14 +142,8 @@ fn read_row(r: &Row<'_>) -> std::result::Result<Provenance, String> {
     })
 }
 
-/// Inserts an assistant message and its provenance rows.
-pub(super) fn insert_reply(
-    tx: &Transaction<'_>,
-    chat_id: i64,
-    content: &str,
-    prov: &Provenance,
-) -> rusqlite::Result<i64> {
-    let id = insert_message(tx, chat_id, Role::Assistant, content)?;
+/// Inserts the provenance rows of reply `id`.
+pub(super) fn insert(tx: &Transaction<'_>, id: i64, prov: &Provenance) -> rusqlite::Result<()> {
     let g = prov.generation.as_ref();
     tx.execute(
         &format!(
@@ -190,5 +183,5 @@ pub(super) fn insert_reply(
             params![id, i as i64, a.id, a.name, a.score, a.gate],
         )?;
     }
-    Ok(id)
+    Ok(())
 }

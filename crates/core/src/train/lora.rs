@@ -17,7 +17,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use super::{AdamW, Example, Result, TrainError, clip_grad_norm};
+use super::{AdamW, Example, Result, TrainError, accumulated_update};
 use crate::batch::RowSpan;
 use crate::model::{
     ChatMessage, Decoder, Model, ModelConfig, RopeStyle, RowInput, Site, SiteDelta, SiteKind,
@@ -578,38 +578,20 @@ impl LoraTrainer {
         let ids = self.batch_of(step);
         let answer_tokens: usize = ids.iter().map(|&i| self.data[i].answer_len()).sum();
         let tokens: usize = ids.iter().map(|&i| self.data[i].tokens.len()).sum();
-        let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
-        let mut loss_sum = 0f64;
-        for pass in self.passes(&ids) {
-            let exs: Vec<&Encoded> = pass.iter().map(|&i| &self.data[i]).collect();
-            let (nll, _) = self.pass_loss(&exs)?;
-            loss_sum += nll.to_scalar::<f32>()? as f64;
-            let store = (nll / answer_tokens as f64)?.backward()?;
-            for (g, var) in grads.iter_mut().zip(&self.vars) {
-                if let Some(d) = store.get(var.as_tensor()) {
-                    *g = Some(match g.take() {
-                        Some(acc) => (acc + d)?,
-                        None => d.clone(),
-                    });
-                }
-            }
-        }
-        let mut grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(&self.vars)
-            .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
-            .collect::<candle_core::Result<_>>()?;
-        let loss = loss_sum / answer_tokens as f64;
-        if !loss.is_finite() {
-            return Err(TrainError::Invalid(format!(
-                "the loss became {loss} at step {}; try a lower learning rate than {}",
-                step + 1,
-                self.cfg.lr
-            )));
-        }
-        let grad_norm = clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?;
+        let passes = self.passes(&ids);
         let lr = self.cfg.lr_at(step);
-        self.opt.update(&self.vars, &grads, lr)?;
+        let (loss, grad_norm) = accumulated_update(
+            &mut self.opt,
+            &self.vars,
+            lr,
+            self.cfg.max_grad_norm,
+            answer_tokens,
+            passes.len(),
+            |p| {
+                let exs: Vec<&Encoded> = passes[p].iter().map(|&i| &self.data[i]).collect();
+                Ok(answer_nll(&self.decoder, &exs, &self.lora)?.0)
+            },
+        )?;
         self.losses.push(loss);
         Ok(StepReport {
             step: step + 1,

@@ -210,6 +210,54 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     Ok(norm)
 }
 
+/// One optimizer update with gradient accumulation, shared by the LoRA and router trainers:
+/// pass `i` of `passes` returns its summed loss, which is scaled by the batch's
+/// `answer_tokens` and back-propagated on its own (so only one pass's activations are alive),
+/// the gradients of `vars` are summed over the passes, clipped to `max_grad_norm` and applied
+/// at learning rate `lr`. Returns the batch's mean loss per answer token and the gradient norm
+/// before clipping; a loss that is not finite stops the run with the step named.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn accumulated_update(
+    opt: &mut AdamW,
+    vars: &[Var],
+    lr: f64,
+    max_grad_norm: f64,
+    answer_tokens: usize,
+    passes: usize,
+    mut pass_loss: impl FnMut(usize) -> Result<Tensor>,
+) -> Result<(f64, f64)> {
+    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let mut loss_sum = 0f64;
+    for i in 0..passes {
+        let nll = pass_loss(i)?;
+        loss_sum += nll.to_scalar::<f32>()? as f64;
+        let store = (nll / answer_tokens.max(1) as f64)?.backward()?;
+        for (g, var) in grads.iter_mut().zip(vars) {
+            if let Some(d) = store.get(var.as_tensor()) {
+                *g = Some(match g.take() {
+                    Some(acc) => (acc + d)?,
+                    None => d.clone(),
+                });
+            }
+        }
+    }
+    let mut grads: Vec<Tensor> = grads
+        .into_iter()
+        .zip(vars)
+        .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
+        .collect::<candle_core::Result<_>>()?;
+    let loss = loss_sum / answer_tokens.max(1) as f64;
+    if !loss.is_finite() {
+        return Err(TrainError::Invalid(format!(
+            "the loss became {loss} at step {}; try a lower learning rate than {lr}",
+            opt.step + 1
+        )));
+    }
+    let grad_norm = clip_grad_norm(&mut grads, max_grad_norm)?;
+    opt.update(vars, &grads, lr)?;
+    Ok((loss, grad_norm))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ use rand::SeedableRng;
 use serde::Serialize;
 
 use super::lora::{Encoded, answer_nll, shuffled_batch};
-use super::{AdamW, Result, StepReport, TrainError, clip_grad_norm};
+use super::{AdamW, Result, StepReport, TrainError, accumulated_update};
 use crate::adapter::LoraAdapter;
 use crate::model::{Decoder, SiteKind};
 use crate::router::{RoutedRow, RouterDelta, RouterLora, RouterMix, RouterSite, dropout_keep};
@@ -220,16 +220,11 @@ impl RouterTrainer {
         examples: &[&RouterExample],
         keep: &[Option<Vec<bool>>],
     ) -> Result<(Tensor, usize)> {
-        let mut rows = Vec::with_capacity(examples.len());
-        for (e, k) in examples.iter().zip(keep) {
-            rows.push(Some(RoutedRow {
-                mix: self.mix(&e.candidates)?,
-                keep: k.clone(),
-            }));
-        }
-        let delta = RouterDelta::new(&self.router, rows);
-        let encoded: Vec<&Encoded> = examples.iter().map(|e| &e.encoded).collect();
-        answer_nll(&self.decoder, &encoded, &delta)
+        let mixes = examples
+            .iter()
+            .map(|e| self.mix(&e.candidates))
+            .collect::<Result<Vec<_>>>()?;
+        routed_nll(&self.router, &self.decoder, examples, &mixes, keep)
     }
 
     /// One optimizer update over the next batch; dropout draws depend only on the seed and the
@@ -251,38 +246,26 @@ impl RouterTrainer {
             .collect();
         let answer_tokens: usize = examples.iter().map(|e| e.encoded.answer_len()).sum();
         let tokens: usize = examples.iter().map(|e| e.encoded.tokens.len()).sum();
+        let refs: Vec<&RouterExample> = examples.iter().collect();
+        let mixes = refs
+            .iter()
+            .map(|e| self.mix(&e.candidates))
+            .collect::<Result<Vec<_>>>()?;
+        let (router, decoder) = (&self.router, &self.decoder);
         // Two examples per pass keeps the activations of a backward pass small.
-        let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
-        let mut loss_sum = 0f64;
-        for (chunk, keep) in examples.chunks(2).zip(keep.chunks(2)) {
-            let refs: Vec<&RouterExample> = chunk.iter().collect();
-            let (nll, _) = self.pass_loss(&refs, keep)?;
-            loss_sum += nll.to_scalar::<f32>()? as f64;
-            let store = (nll / answer_tokens as f64)?.backward()?;
-            for (g, var) in grads.iter_mut().zip(&self.vars) {
-                if let Some(d) = store.get(var.as_tensor()) {
-                    *g = Some(match g.take() {
-                        Some(acc) => (acc + d)?,
-                        None => d.clone(),
-                    });
-                }
-            }
-        }
-        let mut grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(&self.vars)
-            .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
-            .collect::<candle_core::Result<_>>()?;
-        let loss = loss_sum / answer_tokens.max(1) as f64;
-        if !loss.is_finite() {
-            return Err(TrainError::Invalid(format!(
-                "the loss became {loss} at step {}; try a lower learning rate than {}",
-                step + 1,
-                self.cfg.lr
-            )));
-        }
-        let grad_norm = clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?;
-        self.opt.update(&self.vars, &grads, self.cfg.lr)?;
+        let (loss, grad_norm) = accumulated_update(
+            &mut self.opt,
+            &self.vars,
+            self.cfg.lr,
+            self.cfg.max_grad_norm,
+            answer_tokens,
+            refs.len().div_ceil(2),
+            |p| {
+                let at = 2 * p..(2 * p + 2).min(refs.len());
+                let (e, m, k) = (&refs[at.clone()], &mixes[at.clone()], &keep[at]);
+                Ok(routed_nll(router, decoder, e, m, k)?.0)
+            },
+        )?;
         self.losses.push(loss);
         Ok(StepReport {
             step: step + 1,
@@ -308,6 +291,30 @@ impl RouterTrainer {
         }
         Ok(sum / n.max(1) as f64)
     }
+}
+
+/// Summed answer cross-entropy of `examples`, each routed over its candidates' `mixes` with
+/// the experts `keep` leaves (Random LoRA Dropout), in one pass; (sum, answer tokens).
+fn routed_nll(
+    router: &RouterLora,
+    decoder: &Decoder,
+    examples: &[&RouterExample],
+    mixes: &[Arc<RouterMix>],
+    keep: &[Option<Vec<bool>>],
+) -> Result<(Tensor, usize)> {
+    let rows = mixes
+        .iter()
+        .zip(keep)
+        .map(|(mix, k)| {
+            Some(RoutedRow {
+                mix: mix.clone(),
+                keep: k.clone(),
+            })
+        })
+        .collect();
+    let delta = RouterDelta::new(router, rows);
+    let encoded: Vec<&Encoded> = examples.iter().map(|e| &e.encoded).collect();
+    answer_nll(decoder, &encoded, &delta)
 }
 
 /// Router training data drawn from the paper's task format: the experts (one adapter per

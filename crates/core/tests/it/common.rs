@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::Tensor;
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use ramole_core::model::{Decoder, LoadOptions, LogitsAt, Model, NoDelta, RowInput, SeqCache};
 use serde_json::Value;
 

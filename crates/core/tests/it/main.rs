@@ -1,6 +1,7 @@
 //! The integration tests of ramole-core, one module per area, in one binary (a binary per
 //! file would link the whole crate again for each).
 
+mod architecture;
 mod catalog;
 mod common;
 mod embed;

@@ -126,7 +126,8 @@ fn the_shortcut_equals_the_formula_and_gates_sum_to_one() {
             let rs = r.site(site).unwrap();
             let (out_f, in_f) = f.model.decoder.config().linear_shape(site.kind);
             let xv = values(t * in_f, 11 + site.layer as u64);
-            let x = Tensor::from_vec(xv.clone(), (t, in_f), &ramole_core::device::compute()).unwrap();
+            let x =
+                Tensor::from_vec(xv.clone(), (t, in_f), &ramole_core::device::compute()).unwrap();
             let span = [RowSpan { start: 0, len: t }];
             // With C_i precomputed (inference) and computed per call from B_r (training).
             let pre = Arc::new(RouterMix::new(&experts, Some(&r)).unwrap());
@@ -281,7 +282,12 @@ fn zero_router_is_the_uniform_mixture_and_rows_route_alone() {
     };
     let (_, in_f) = f.model.decoder.config().linear_shape(site.kind);
     let n: usize = lens.iter().sum();
-    let x = Tensor::from_vec(values(n * in_f, 5), (n, in_f), &ramole_core::device::compute()).unwrap();
+    let x = Tensor::from_vec(
+        values(n * in_f, 5),
+        (n, in_f),
+        &ramole_core::device::compute(),
+    )
+    .unwrap();
     let mut spans = Vec::new();
     let mut at = 0;
     for &l in &lens {
@@ -457,11 +463,17 @@ fn router_files_round_trip_and_bad_ones_are_refused() {
         .unwrap();
     assert!(e.to_string().contains("num_layers 3"), "{e}");
     std::fs::write(&json, cfg.to_string()).unwrap();
-    let mut tensors = candle_core::safetensors::load(&path, &ramole_core::device::compute()).unwrap();
+    let mut tensors =
+        candle_core::safetensors::load(&path, &ramole_core::device::compute()).unwrap();
     let key = "model.layers.2.mlp.up_proj.router_B.weight";
     tensors.insert(
         key.into(),
-        Tensor::zeros((5, 8), candle_core::DType::F32, &ramole_core::device::compute()).unwrap(),
+        Tensor::zeros(
+            (5, 8),
+            candle_core::DType::F32,
+            &ramole_core::device::compute(),
+        )
+        .unwrap(),
     );
     candle_core::safetensors::save(&tensors, &path).unwrap();
     let e = RouterLora::load(&path, f.model.decoder.config())
