@@ -28,24 +28,9 @@ fn shots_dir() -> PathBuf {
     target.join("gui-shots")
 }
 
+/// The Hub repository of a French adapter: popular, with `widget` prompts for retrieval.
 fn peft_repo(dir: &Path, id: &str, widget: &[&str]) -> Repo {
-    let widget: String = widget
-        .iter()
-        .map(|t| format!("- text: {}\n", json!(t)))
-        .collect();
-    Repo::new(id)
-        .dir(dir, "")
-        .file(
-            "README.md",
-            format!("---\nbase_model: {BASE}\nlicense: mit\nlibrary_name: peft\nwidget:\n{widget}---\n\nTranslates into French.\n"),
-        )
-        .meta(|m| {
-            m.library_name = Some("peft".into());
-            m.tags = vec!["lora".into()];
-            m.card_data = json!({"base_model": BASE, "license": "mit"});
-            m.downloads = 1234;
-            m.likes = 56;
-        })
+    ramole_testkit::hub::peft_repo(dir, id, BASE, 1234, widget)
 }
 
 fn by_testid(s: &Session, id: &str) -> Result<Element, String> {

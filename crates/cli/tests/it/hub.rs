@@ -44,22 +44,7 @@ impl Env {
 }
 
 fn peft_repo(dir: &Path, id: &str, downloads: u64, widget: &[&str]) -> Repo {
-    let widget: String = widget
-        .iter()
-        .map(|t| format!("- text: {}\n", json!(t)))
-        .collect();
-    Repo::new(id)
-        .dir(dir, "")
-        .file(
-            "README.md",
-            format!("---\nbase_model: {BASE}\nlicense: mit\nlibrary_name: peft\nwidget:\n{widget}---\n\nAn adapter.\n"),
-        )
-        .meta(|m| {
-            m.library_name = Some("peft".into());
-            m.tags = vec!["lora".into()];
-            m.card_data = json!({"base_model": BASE, "license": "mit"});
-            m.downloads = downloads;
-        })
+    ramole_testkit::hub::peft_repo(dir, id, BASE, downloads, widget)
 }
 
 #[test]
