@@ -12,7 +12,7 @@ use ramole_core::vocab::{PlanChoice, TopK};
 use ramole_serve::ServeState;
 use serde_json::json;
 
-use crate::common::{SamplingArgs, open, parse_gating};
+use crate::common::{ReplyOut, SamplingArgs, open, parse_gating};
 
 #[derive(Args)]
 pub(crate) struct ChatArgs {
@@ -78,16 +78,8 @@ pub(crate) fn run_chat(a: ChatArgs) -> Result<()> {
         pinned: Vec::new(),
         action: chat::ChatAction::Send,
     };
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let stream = !a.json;
-    let mut on_text = |piece: &str| {
-        if stream {
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
-        }
-    };
-    let reply = chat::send(&mut lib, &engine, &req, &mut on_text)?;
+    let mut out = ReplyOut::new(a.json);
+    let reply = chat::send(&mut lib, &engine, &req, &mut |piece: &str| out.text(piece))?;
     if a.json {
         writeln!(
             out,

@@ -2,7 +2,7 @@
 //! sampling flags, an adapter's JSON, the Hub client and a terminal progress bar. Command files
 //! import this module and ramole-core, never each other.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, StdoutLock, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -170,4 +170,39 @@ impl Progress for TerminalProgress {
 pub(crate) fn client_for(settings: Option<&Settings>) -> (HubClient, HubCache) {
     let cfg = config::hub_config(&settings.map(|s| s.hub.clone()).unwrap_or_default());
     (HubClient::new(&cfg), HubCache::new(cfg.cache_dir.clone()))
+}
+
+/// Standard output of a reply: the text streams as it comes unless `--json` asked for one
+/// object at the end, which is then written through `Write`.
+pub(crate) struct ReplyOut {
+    out: StdoutLock<'static>,
+    stream: bool,
+}
+
+impl ReplyOut {
+    pub(crate) fn new(json: bool) -> Self {
+        Self {
+            out: std::io::stdout().lock(),
+            stream: !json,
+        }
+    }
+
+    /// One piece of streamed text. A closed pipe must not kill generation with a panic: the
+    /// result is still returned.
+    pub(crate) fn text(&mut self, piece: &str) {
+        if self.stream {
+            let _ = self.out.write_all(piece.as_bytes());
+            let _ = self.out.flush();
+        }
+    }
+}
+
+impl Write for ReplyOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.out.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }

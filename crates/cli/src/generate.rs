@@ -13,7 +13,7 @@ use ramole_core::mole::{CompiledMix, MixDelta, Precision};
 use ramole_core::vocab::{Plan, Role};
 use serde_json::json;
 
-use crate::common::{BaseArgs, SamplingArgs};
+use crate::common::{BaseArgs, ReplyOut, SamplingArgs};
 
 /// LoRA adapters applied to the request and how they are combined (DESIGN.md 3a).
 #[derive(Args)]
@@ -152,17 +152,10 @@ pub(crate) fn run_generate(a: GenerateArgs) -> Result<()> {
         model.tokenizer.encode(&a.prompt)?
     };
     let params = a.sampling.params(a.stop.clone());
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let stream = !a.json;
-    let mut on_text = |piece: &str| {
-        if stream {
-            // A closed pipe must not kill generation with a panic; the result is still returned.
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
-        }
-    };
-    let g = generate(&model, &prompt_ids, &params, &delta, &mut on_text)?;
+    let mut out = ReplyOut::new(a.json);
+    let g = generate(&model, &prompt_ids, &params, &delta, &mut |piece: &str| {
+        out.text(piece)
+    })?;
     if a.json {
         let v = json!({
             "text": g.text,
