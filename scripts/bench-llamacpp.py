@@ -11,7 +11,7 @@ import numpy as np
 
 path, threads = sys.argv[1], int(sys.argv[2])
 prompt_n, decode_n, repeats = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=threads,
+llm = llama_cpp.Llama(model_path=path, n_ctx=max(1024, prompt_n + 64), n_batch=512, n_threads=threads,
                       n_threads_batch=threads, verbose=False)
 vocab = llm.n_vocab()
 ids = lambda n: [(i * 7919) % (vocab - 200) + 100 for i in range(n)]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Opt-in check (not CI) that an adapter written by `ramole adapter train` is a standard PEFT
 adapter: PEFT loads it onto the same base (transformers dequantizes the GGUF to f32) and gives
-the next-token logits ramole gives (`ramole logits --keep-quant`, the same dequantized weights).
+the next-token logits ramole gives (`ramole logits --quant-layout stored`, the same dequantized weights).
 
     python3 -m venv /tmp/peft-venv
     /tmp/peft-venv/bin/pip install torch transformers peft sentencepiece gguf safetensors protobuf numpy
@@ -36,7 +36,7 @@ vocab = base.config.vocab_size
 
 
 def ramole_logits(prompt, with_adapter):
-    args = [RAMOLE, "logits", "--base", gguf, "--keep-quant", "--prompt", prompt, "--top", str(vocab), "--json"]
+    args = [RAMOLE, "logits", "--base", gguf, "--quant-layout", "stored", "--prompt", prompt, "--top", str(vocab), "--json"]
     if with_adapter:
         args += ["--adapter", adapter]
     out = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)

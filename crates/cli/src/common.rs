@@ -13,7 +13,7 @@ use ramole_core::catalog::AdapterRecord;
 use ramole_core::config::{self, Settings};
 use ramole_core::hub::{HubCache, HubClient, Progress, ProgressEvent, Stage};
 use ramole_core::library::Library;
-use ramole_core::model::{GenerateParams, LoadOptions, Model, Requantize, Sampling};
+use ramole_core::model::{GenerateParams, LoadOptions, Model, QuantLayout, Sampling};
 use ramole_core::vocab::Gating;
 use serde_json::json;
 
@@ -67,23 +67,38 @@ pub(crate) struct BaseArgs {
     /// A Hugging Face model folder or a .gguf file.
     #[arg(long)]
     pub(crate) base: PathBuf,
-    /// Keep Q4_1/Q5_0/Q5_1 GGUF tensors as stored instead of re-quantizing them to Q8_0 at load
-    /// (candle has no SIMD kernel for them: slower, less memory).
-    #[arg(long)]
-    pub(crate) keep_quant: bool,
+    /// How quantized GGUF tensors are held: `q8` (candle's kernels and ours with f32
+    /// activations, Q4_1/Q5_0/Q5_1 re-quantized to Q8_0), `stored` (the same on the file's
+    /// tensors) or `packed` (our int8 kernels on the stored types, where the CPU has AVX-512
+    /// VNNI, else `q8`; fastest, but batched rows with adapters may differ from the row alone).
+    #[arg(long, value_enum, default_value_t = LayoutArg::Q8)]
+    pub(crate) quant_layout: LayoutArg,
 }
 
 impl BaseArgs {
     pub(crate) fn load(&self) -> Result<Model> {
         let opts = LoadOptions {
-            requantize: if self.keep_quant {
-                Requantize::Never
-            } else {
-                Requantize::SlowTypes
-            },
+            layout: self.quant_layout.into(),
             ..LoadOptions::default()
         };
         Model::load(&self.base, &opts).with_context(|| format!("loading {}", self.base.display()))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LayoutArg {
+    Packed,
+    Stored,
+    Q8,
+}
+
+impl From<LayoutArg> for QuantLayout {
+    fn from(a: LayoutArg) -> Self {
+        match a {
+            LayoutArg::Packed => QuantLayout::Packed,
+            LayoutArg::Stored => QuantLayout::Stored,
+            LayoutArg::Q8 => QuantLayout::SlowTypesAsQ8_0,
+        }
     }
 }
 

@@ -42,6 +42,23 @@ impl Isa {
         matches!(self, Isa::Amx | Isa::Avx512)
     }
 
+    /// Whether this set includes AVX-512F and the CPU has AVX-512 VNNI, BW and VL (the int8
+    /// kernels of [`crate::qmat`]).
+    pub fn has_avx512_vnni(self) -> bool {
+        static VNNI: OnceLock<bool> = OnceLock::new();
+        self.has_avx512()
+            && *VNNI.get_or_init(|| {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    is_x86_feature_detected!("avx512vnni")
+                        && is_x86_feature_detected!("avx512bw")
+                        && is_x86_feature_detected!("avx512vl")
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                false
+            })
+    }
+
     /// The name used in benchmark tables and errors.
     pub fn name(self) -> &'static str {
         match self {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use ramole_core::adapter::LoraAdapter;
 use ramole_core::model::{
-    Decoder, LoadOptions, LogitsAt, Model, NoDelta, QuantKernel, Requantize, RowInput, SiteDelta,
+    Decoder, LoadOptions, LogitsAt, Model, NoDelta, QuantKernel, QuantLayout, RowInput, SiteDelta,
 };
 use ramole_core::mole::{CompiledMix, MixDelta, Precision};
 use ramole_core::vocab::Plan;
@@ -77,6 +77,10 @@ pub(crate) struct ModelBench {
     /// Forwards timed per batched-decode figure.
     #[arg(long, default_value_t = 16)]
     batch_steps: usize,
+    /// Also measure the other weight layouts (candle's kernels as stored, and with the slow
+    /// types re-quantized to Q8_0) after the chosen one.
+    #[arg(long)]
+    compare_layouts: bool,
     #[arg(long)]
     json: bool,
 }
@@ -101,21 +105,35 @@ fn synthetic_ids(n: usize, vocab: usize) -> Vec<u32> {
 }
 
 fn model_bench(b: ModelBench) -> Result<()> {
-    let variants: Vec<(&str, Requantize)> = if b.base.keep_quant {
-        vec![("as stored", Requantize::Never)]
-    } else {
-        vec![
-            ("as stored", Requantize::Never),
-            ("slow types as q8_0", Requantize::SlowTypes),
-        ]
-    };
+    let chosen: QuantLayout = b.base.quant_layout.into();
+    let mut variants = vec![chosen];
+    if b.compare_layouts {
+        for l in [
+            QuantLayout::Packed,
+            QuantLayout::Stored,
+            QuantLayout::SlowTypesAsQ8_0,
+        ] {
+            if l.effective(&ramole_core::device::compute())
+                != chosen.effective(&ramole_core::device::compute())
+                && !variants.contains(&l)
+            {
+                variants.push(l);
+            }
+        }
+    }
+    let isa = ramole_core::model::kernel_set();
     let mut results = Vec::new();
-    for (name, requantize) in variants {
+    for layout in variants {
+        let name = match layout.effective(&ramole_core::device::compute()) {
+            QuantLayout::Packed => format!("packed ({isa} int8)"),
+            QuantLayout::Stored => "candle as stored".to_string(),
+            QuantLayout::SlowTypesAsQ8_0 => "candle, slow types q8_0".to_string(),
+        };
         let t = Instant::now();
         let model = Model::load(
             &b.base.base,
             &LoadOptions {
-                requantize,
+                layout,
                 ..LoadOptions::default()
             },
         )?;
@@ -176,11 +194,11 @@ fn model_bench(b: ModelBench) -> Result<()> {
         println!(
             "{}",
             json!({"base": b.base.base, "prompt_tokens": b.prompt_tokens, "decode_tokens": b.decode_tokens,
-                   "threads": threads, "results": results})
+                   "threads": threads, "kernel_set": isa, "results": results})
         );
     } else {
         println!(
-            "{} | prefill {} tokens, decode {} tokens, threads {threads}, best of {}",
+            "{} | prefill {} tokens, decode {} tokens, threads {threads}, kernel set {isa}, best of {}",
             b.base.base.display(),
             b.prompt_tokens,
             b.decode_tokens,

@@ -10,6 +10,9 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use ramole_kernels::Isa;
+use ramole_kernels::qmat::{QMatrix, QType};
+
 use super::cache::SeqCache;
 use super::config::{ModelConfig, RopeStyle};
 use super::linear::{Linear, LinearWeight, QuantKernel, Site, SiteDelta, SiteKind};
@@ -32,21 +35,89 @@ pub struct RowInput<'a> {
     pub tokens: &'a [u32],
 }
 
-/// Re-quantization of GGUF block types that candle has no SIMD kernel for.
+/// How quantized GGUF tensors are held in memory and multiplied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Requantize {
-    /// Keep every tensor in its stored type.
-    Never,
-    /// Re-quantize Q4_1, Q5_0 and Q5_1 to Q8_0 at load: candle multiplies them with a scalar loop
-    /// (about 4x slower than its Q8_0 kernel here) at the cost of 1.5x their memory.
+pub enum QuantLayout {
+    /// Repacked into [`QMatrix`] panels at load, on the stored types (the file's bytes, the
+    /// k-quants' scales as f16), and multiplied by our int8 kernels for every row count, where
+    /// the CPU has them ([`QMatrix::has_fast_kernel`]); elsewhere as [`Self::SlowTypesAsQ8_0`].
+    /// Not yet the default: rounding activations to int8 turns the last-bit differences between
+    /// a LoRA delta computed in a batch and alone into different greedy tokens, and the engine
+    /// promises that a row in a batch answers as it does alone.
+    Packed,
+    /// candle's tensors as stored.
+    Stored,
+    /// candle's tensors, with Q4_1, Q5_0 and Q5_1 re-quantized to Q8_0 at load: candle multiplies
+    /// them with a scalar loop (about 4x slower than its Q8_0 kernel here) at the cost of 1.5x
+    /// their memory.
     #[default]
-    SlowTypes,
+    SlowTypesAsQ8_0,
+}
+
+impl QuantLayout {
+    /// What this layout becomes on this machine: [`Self::Packed`] only where the kernels exist.
+    pub fn effective(self, device: &Device) -> Self {
+        match self {
+            QuantLayout::Packed
+                if !(device.is_cpu() && QMatrix::has_fast_kernel(Isa::detect())) =>
+            {
+                QuantLayout::SlowTypesAsQ8_0
+            }
+            other => other,
+        }
+    }
+}
+
+/// The [`QType`] of a candle block type, if [`QMatrix`] packs it.
+pub(crate) fn qtype_of(dtype: GgmlDType) -> Option<QType> {
+    Some(match dtype {
+        GgmlDType::Q4_0 => QType::Q4_0,
+        GgmlDType::Q4_1 => QType::Q4_1,
+        GgmlDType::Q5_0 => QType::Q5_0,
+        GgmlDType::Q5_1 => QType::Q5_1,
+        GgmlDType::Q8_0 => QType::Q8_0,
+        GgmlDType::Q2K => QType::Q2K,
+        GgmlDType::Q3K => QType::Q3K,
+        GgmlDType::Q4K => QType::Q4K,
+        GgmlDType::Q5K => QType::Q5K,
+        GgmlDType::Q6K => QType::Q6K,
+        _ => return None,
+    })
 }
 
 #[derive(Clone)]
 enum Embedding {
     Dense(Tensor),
     Quantized(Arc<QTensor>),
+    Packed(Arc<QMatrix>),
+}
+
+impl Embedding {
+    /// Rows `ids` as f32 `[n, hidden]`.
+    fn lookup(&self, ids: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+        let n = ids.len();
+        let idx = || Tensor::from_slice(ids, n, device);
+        match self {
+            Embedding::Dense(w) => w.index_select(&idx()?, 0),
+            Embedding::Quantized(q) => q.embedding(&idx()?),
+            Embedding::Packed(m) => {
+                let d = m.cols();
+                let mut out = vec![0f32; n * d];
+                for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
+                    m.dequantize_row(id as usize, row);
+                }
+                Tensor::from_vec(out, (n, d), device)
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Embedding::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Embedding::Quantized(q) => q.storage_size_in_bytes(),
+            Embedding::Packed(m) => m.bytes(),
+        }
+    }
 }
 
 struct Layer {
@@ -131,10 +202,16 @@ impl Naming {
     }
 }
 
+/// A quantized tensor as a loader holds it.
+enum Quant {
+    Candle(Arc<QTensor>),
+    Packed(Arc<QMatrix>),
+}
+
 struct Loader<'a> {
     store: &'a WeightStore,
     device: &'a Device,
-    requantize: Requantize,
+    layout: QuantLayout,
 }
 
 impl Loader<'_> {
@@ -146,20 +223,39 @@ impl Loader<'_> {
         }
     }
 
-    fn quantized(&self, name: &str, q: Arc<QTensor>) -> Result<Arc<QTensor>> {
+    /// The stored tensor in this loader's layout: packed, as stored, or re-quantized.
+    fn quantized(&self, name: &str, q: Arc<QTensor>) -> Result<Quant> {
+        if self.layout == QuantLayout::Packed
+            && let Some(qtype) = qtype_of(q.dtype())
+        {
+            let (n, k) = q.shape().dims2().map_err(|e| self.tensor_err(name, e))?;
+            let bytes = q.data().map_err(|e| self.tensor_err(name, e))?;
+            let m = QMatrix::pack(qtype, &bytes, n, k).map_err(|e| self.tensor_err(name, e))?;
+            return Ok(Quant::Packed(Arc::new(m)));
+        }
         let slow = matches!(
             q.dtype(),
             GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
         );
-        if slow && self.requantize == Requantize::SlowTypes {
+        if slow && self.layout == QuantLayout::SlowTypesAsQ8_0 {
             let dense = q
                 .dequantize(self.device)
                 .map_err(|e| self.tensor_err(name, e))?;
             let q8 =
                 QTensor::quantize(&dense, GgmlDType::Q8_0).map_err(|e| self.tensor_err(name, e))?;
-            return Ok(Arc::new(q8));
+            return Ok(Quant::Candle(Arc::new(q8)));
         }
-        Ok(q)
+        Ok(Quant::Candle(q))
+    }
+
+    fn weight(&self, name: &str, q: Quant) -> Result<LinearWeight> {
+        Ok(match q {
+            Quant::Packed(m) => LinearWeight::Packed(m),
+            Quant::Candle(q) => {
+                let m = QMatMul::from_arc(q.clone()).map_err(|e| self.tensor_err(name, e))?;
+                LinearWeight::Quantized(Arc::new(m), q)
+            }
+        })
     }
 
     fn linear(
@@ -173,11 +269,7 @@ impl Loader<'_> {
         let wname = format!("{base}.weight");
         let weight = match self.store.stored(&wname, &[out, inp], self.device)? {
             StoredTensor::Dense(t) => LinearWeight::Dense(t),
-            StoredTensor::Quantized(q) => {
-                let q = self.quantized(&wname, q)?;
-                let m = QMatMul::from_arc(q.clone()).map_err(|e| self.tensor_err(&wname, e))?;
-                LinearWeight::Quantized(Arc::new(m), q)
-            }
+            StoredTensor::Quantized(q) => self.weight(&wname, self.quantized(&wname, q)?)?,
         };
         let bias = if bias {
             Some(
@@ -197,7 +289,7 @@ impl Decoder {
     pub fn load(
         cfg: ModelConfig,
         store: &WeightStore,
-        requantize: Requantize,
+        layout: QuantLayout,
         device: &Device,
     ) -> Result<Self> {
         let naming = if store.is_gguf() {
@@ -208,14 +300,17 @@ impl Decoder {
         let ld = Loader {
             store,
             device,
-            requantize,
+            layout: layout.effective(device),
         };
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv, ff) = (cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size);
         let embed_name = naming.embed();
         let embed = match store.stored(embed_name, &[cfg.vocab_size, d], device)? {
             StoredTensor::Dense(t) => Embedding::Dense(t),
-            StoredTensor::Quantized(q) => Embedding::Quantized(ld.quantized(embed_name, q)?),
+            StoredTensor::Quantized(q) => match ld.quantized(embed_name, q)? {
+                Quant::Candle(q) => Embedding::Quantized(q),
+                Quant::Packed(m) => Embedding::Packed(m),
+            },
         };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -250,11 +345,8 @@ impl Decoder {
         let lm_head = if tied {
             let weight = match &embed {
                 Embedding::Dense(t) => LinearWeight::Dense(t.clone()),
-                Embedding::Quantized(q) => {
-                    let m =
-                        QMatMul::from_arc(q.clone()).map_err(|e| ld.tensor_err(embed_name, e))?;
-                    LinearWeight::Quantized(Arc::new(m), q.clone())
-                }
+                Embedding::Quantized(q) => ld.weight(embed_name, Quant::Candle(q.clone()))?,
+                Embedding::Packed(m) => LinearWeight::Packed(m.clone()),
             };
             Linear::new(weight, None, None, cfg.vocab_size, d)
         } else {
@@ -297,14 +389,8 @@ impl Decoder {
     /// Bytes of all weights as held in memory.
     pub fn weight_bytes(&self) -> usize {
         let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let lin = |l: &Linear| match l.weight() {
-            LinearWeight::Dense(w) => t(w),
-            LinearWeight::Quantized(_, q) => q.storage_size_in_bytes(),
-        };
-        let embed = match &self.embed {
-            Embedding::Dense(w) => t(w),
-            Embedding::Quantized(q) => q.storage_size_in_bytes(),
-        };
+        let lin = |l: &Linear| l.weight().bytes();
+        let embed = self.embed.bytes();
         embed
             + if self.tied_head {
                 0
@@ -323,8 +409,13 @@ impl Decoder {
     /// path.
     pub fn dequantized(&self) -> Result<Self> {
         let mut d = self.map_linears(|l| l.dequantized())?;
-        if let Embedding::Quantized(q) = &self.embed {
-            d.embed = Embedding::Dense(q.dequantize(&self.device)?);
+        match &self.embed {
+            Embedding::Quantized(q) => d.embed = Embedding::Dense(q.dequantize(&self.device)?),
+            Embedding::Packed(m) => {
+                let w = Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), &self.device)?;
+                d.embed = Embedding::Dense(w);
+            }
+            Embedding::Dense(_) => {}
         }
         d.lm_head = self.lm_head.dequantized()?;
         d.tied_head = false;
@@ -467,12 +558,7 @@ impl Decoder {
             });
             ids.extend_from_slice(row.tokens);
         }
-        let n = ids.len();
-        let ids = Tensor::from_vec(ids, n, &self.device)?;
-        let mut x = match &self.embed {
-            Embedding::Dense(w) => w.index_select(&ids, 0)?,
-            Embedding::Quantized(q) => q.embedding(&ids)?,
-        };
+        let mut x = self.embed.lookup(&ids, &self.device)?;
         // Positions are fixed before the first layer appends to the caches.
         let starts: Vec<usize> = caches.iter().map(|c| c.len()).collect();
         let ropes = spans

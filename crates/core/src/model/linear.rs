@@ -7,6 +7,9 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, Module, Storage, Tensor};
 
+use ramole_kernels::Isa;
+use ramole_kernels::qmat::{QActs, QMatrix};
+
 use super::qgemm;
 use crate::batch::RowSpan;
 
@@ -129,6 +132,8 @@ enum Path {
     Own,
     /// candle's `QMatMul`.
     Candle,
+    /// [`QMatrix`]: int8 activations, any number of rows.
+    Packed,
 }
 
 /// A weight matrix `[out_features, in_features]`, dense f32 or quantized (kept in its GGUF
@@ -137,6 +142,19 @@ enum Path {
 pub enum LinearWeight {
     Dense(Tensor),
     Quantized(Arc<QMatMul>, Arc<QTensor>),
+    /// Repacked for our int8 kernels (CPU only): every row count goes through [`QMatrix`].
+    Packed(Arc<QMatrix>),
+}
+
+impl LinearWeight {
+    /// Bytes held in memory.
+    pub fn bytes(&self) -> usize {
+        match self {
+            LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            LinearWeight::Quantized(_, q) => q.storage_size_in_bytes(),
+            LinearWeight::Packed(m) => m.bytes(),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -196,7 +214,10 @@ impl Linear {
     }
 
     pub fn is_quantized(&self) -> bool {
-        matches!(self.weight, LinearWeight::Quantized(..))
+        matches!(
+            self.weight,
+            LinearWeight::Quantized(..) | LinearWeight::Packed(_)
+        )
     }
 
     /// The weight as dense f32 `[out, in]` (dequantized when quantized).
@@ -204,6 +225,11 @@ impl Linear {
         match &self.weight {
             LinearWeight::Dense(w) => Ok(w.clone()),
             LinearWeight::Quantized(_, q) => q.dequantize(&q.device()),
+            LinearWeight::Packed(m) => Tensor::from_vec(
+                m.dequantize(),
+                (m.rows(), m.cols()),
+                &candle_core::Device::Cpu,
+            ),
         }
     }
 
@@ -248,6 +274,7 @@ impl Linear {
     fn path(&self, rows: usize) -> Path {
         match &self.weight {
             LinearWeight::Dense(_) => Path::Dense,
+            LinearWeight::Packed(_) => Path::Packed,
             // candle's quantized matmul does one dot product per (row, column) with no reuse of
             // weights across rows, so for many rows (prefill) it is much faster to dequantize the
             // weight once and run the f32 GEMM. Same weights, f32 activations: as exact as the
@@ -330,6 +357,10 @@ impl Linear {
                 }
             }
             (LinearWeight::Quantized(m, _), Path::Candle) => m.forward(&x.contiguous()?)?,
+            (LinearWeight::Packed(m), _) => packed_matmul(m, &x.contiguous()?)?,
+            (LinearWeight::Quantized(..), Path::Packed) => {
+                unreachable!("only packed weights take the packed path")
+            }
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -354,6 +385,21 @@ impl Linear {
             x.device(),
         )?))
     }
+}
+
+/// `x Wᵀ` through [`QMatrix`]: `x` `[m, in]` f32, contiguous, quantized to int8 per group of 32.
+fn packed_matmul(w: &QMatrix, x: &Tensor) -> candle_core::Result<Tensor> {
+    let m = x.dim(0)?;
+    let (storage, layout) = x.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*storage, layout.contiguous_offsets())
+    else {
+        candle_core::bail!("packed weights multiply contiguous f32 activations on the CPU")
+    };
+    let acts = QActs::quantize(&v[a..b], m, w.cols());
+    drop(storage);
+    let mut y = vec![0f32; m * w.rows()];
+    w.matmul(Isa::detect(), &acts, &mut y);
+    Tensor::from_vec(y, (m, w.rows()), x.device())
 }
 
 /// From how many rows [`QuantKernel::Auto`] uses [`qgemm`] for weights of `dtype` (measured with
@@ -414,6 +460,75 @@ impl candle_core::CustomOp1 for FrozenProduct {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// Our packing decodes every GGUF block type as ggml (candle) does: the packed values equal
+    /// candle's dequantized ones up to the f16 rounding of the k-quants' combined scales, and the
+    /// packed linear multiplies within the activation-rounding bound of the f32 product.
+    #[test]
+    fn packed_weights_decode_as_candle_does_for_every_block_type() {
+        use candle_core::quantized::GgmlDType;
+        let dev = Device::Cpu;
+        let (n, k) = (40, 512);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let want: Vec<f32> = q
+                .dequantize(&dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let qtype = super::super::decoder::qtype_of(dtype).unwrap();
+            let m = QMatrix::pack(qtype, &q.data().unwrap(), n, k).unwrap();
+            let got = m.dequantize();
+            let amax = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            // f16 scales: 2^-11 relative; the largest value sets the scale of the error.
+            assert!(
+                worst <= 2e-3 * amax,
+                "{dtype:?}: max |diff| {worst} (values up to {amax})"
+            );
+            let lin = Linear::new(LinearWeight::Packed(Arc::new(m)), None, None, n, k);
+            let x = Tensor::randn(0f32, 1.0, (3, k), &dev).unwrap();
+            let y = lin.forward_base(&x).unwrap();
+            let reference = x.matmul(&lin.dense_weight().unwrap().t().unwrap()).unwrap();
+            let diff: f32 = (y - &reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            let spread: f32 = reference
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(
+                diff < 0.02 * spread,
+                "{dtype:?}: packed product off by {diff} of {spread}"
+            );
+        }
+    }
 
     /// The frozen product's backward (input gradient only) against candle's matmul backward.
     #[test]

@@ -9,7 +9,7 @@ use candle_core::Device;
 use candle_core::quantized::gguf_file::Value;
 
 use super::config::{Arch, ModelConfig, RopeScaling, RopeStyle};
-use super::decoder::{Decoder, Requantize};
+use super::decoder::{Decoder, QuantLayout};
 use super::template::ChatTemplate;
 use super::tokenizer::TextTokenizer;
 use super::weights::WeightStore;
@@ -17,14 +17,14 @@ use super::{ModelError, Result, read_optional_json};
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    pub requantize: Requantize,
+    pub layout: QuantLayout,
     pub device: Device,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
-            requantize: Requantize::default(),
+            layout: QuantLayout::default(),
             device: crate::device::compute(),
         }
     }
@@ -65,7 +65,7 @@ impl Model {
             .map(|src| ChatTemplate::new(&src, tokenizer.bos_token(), tokenizer.eos_token()))
             .transpose()?;
         let store = WeightStore::open_safetensors_dir(dir)?;
-        let decoder = Decoder::load(cfg, &store, opts.requantize, &opts.device)?;
+        let decoder = Decoder::load(cfg, &store, opts.layout, &opts.device)?;
         Ok(Self {
             decoder,
             tokenizer,
@@ -90,7 +90,7 @@ impl Model {
             .and_then(|v| v.to_string().ok())
             .map(|src| ChatTemplate::new(src, tokenizer.bos_token(), tokenizer.eos_token()))
             .transpose()?;
-        let decoder = Decoder::load(cfg, &store, opts.requantize, &opts.device)?;
+        let decoder = Decoder::load(cfg, &store, opts.layout, &opts.device)?;
         Ok(Self {
             decoder,
             tokenizer,

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 pub use cache::SeqCache;
 pub use config::{Arch, ModelConfig, RopeScaling, RopeStyle};
-pub use decoder::{Decoder, LogitsAt, Requantize, RowInput};
+pub use decoder::{Decoder, LogitsAt, QuantLayout, RowInput};
 pub use generate::{Decoding, GenerateParams, Generation, Next, Timings, check_request, generate};
 pub use linear::{
     DENSE_PREFILL_MIN_ROWS, Linear, LinearWeight, NoDelta, QuantKernel, Site, SiteDelta, SiteKind,
@@ -29,6 +29,11 @@ pub use sample::{Sampler, Sampling};
 pub use template::{ChatMessage, ChatTemplate};
 pub use tokenizer::TextTokenizer;
 pub use weights::WeightStore;
+
+/// The CPU kernel set this process runs (`avx512`, `avx2`, ...), for benchmark tables.
+pub fn kernel_set() -> &'static str {
+    ramole_kernels::Isa::detect().name()
+}
 
 /// Errors of loading and running a model. Each names the file and, where there is one, the tensor
 /// or key at fault.

@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::common::*;
 use candle_core::quantized::GgmlDType;
 use ramole_core::model::{
-    ChatMessage, GenerateParams, LoadOptions, LogitsAt, Model, ModelError, NoDelta, Requantize,
+    ChatMessage, GenerateParams, LoadOptions, LogitsAt, Model, ModelError, NoDelta, QuantLayout,
     RowInput, generate,
 };
 use ramole_core::vocab::FinishReason;
@@ -123,12 +123,15 @@ fn quantized_gguf_agrees_with_its_dequantized_twin() {
     // Quantized matmuls quantize activations to 8 bits, so the twins differ by rounding: we
     // require a relative error below 3% of the logits' spread and the same greedy choice.
     let dir = tempfile::tempdir().unwrap();
-    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1] {
+    for (dtype, layout) in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1]
+        .into_iter()
+        .flat_map(|d| [(d, QuantLayout::Stored), (d, QuantLayout::Packed)])
+    {
         let path = write_tiny_llama_gguf(dir.path(), dtype);
         let model = Model::load(
             &path,
             &LoadOptions {
-                requantize: Requantize::Never,
+                layout,
                 ..Default::default()
             },
         )
@@ -142,7 +145,7 @@ fn quantized_gguf_agrees_with_its_dequantized_twin() {
             let spread = f.iter().cloned().fold(f32::MIN, f32::max)
                 - f.iter().cloned().fold(f32::MAX, f32::min);
             let rel = max_abs_diff(&q, &f) / spread;
-            assert!(rel < 0.03, "{dtype:?}: relative error {rel}");
+            assert!(rel < 0.03, "{dtype:?} {layout:?}: relative error {rel}");
         }
     }
 }
@@ -171,11 +174,15 @@ fn smollm2_tokenizer_rebuilt_from_gguf_matches_llama_cpp() {
 fn smollm2_logits_agree_with_llama_cpp() {
     // Both run Q4_1 weights with 8-bit activations, by different kernels: the top-1 token must be
     // the same and the top-10 logits within 0.5 (logits here span ~40).
-    for requantize in [Requantize::Never, Requantize::SlowTypes] {
+    for layout in [
+        QuantLayout::Stored,
+        QuantLayout::SlowTypesAsQ8_0,
+        QuantLayout::Packed,
+    ] {
         let model = Model::load(
             &smollm2(),
             &LoadOptions {
-                requantize,
+                layout,
                 ..Default::default()
             },
         )
@@ -195,14 +202,10 @@ fn smollm2_logits_agree_with_llama_cpp() {
             let best = ramole_core::model::Sampler::new(Default::default())
                 .unwrap()
                 .sample(&logits);
-            assert_eq!(best, top[0], "{requantize:?} {:?}", case["text"]);
+            assert_eq!(best, top[0], "{layout:?} {:?}", case["text"]);
             for (id, want) in top.iter().zip(case["top_logits"].as_array().unwrap()) {
                 let diff = (logits[*id as usize] - want.as_f64().unwrap() as f32).abs();
-                assert!(
-                    diff < 0.5,
-                    "{requantize:?} {:?} id {id}: {diff}",
-                    case["text"]
-                );
+                assert!(diff < 0.5, "{layout:?} {:?} id {id}: {diff}", case["text"]);
             }
         }
     }
@@ -213,7 +216,7 @@ fn smollm2_quantized_agrees_with_dequantized_twin() {
     let model = Model::load(
         &smollm2(),
         &LoadOptions {
-            requantize: Requantize::Never,
+            layout: QuantLayout::Stored,
             ..Default::default()
         },
     )
@@ -249,11 +252,11 @@ fn smollm2_batched_decode_equals_each_row_alone() {
         "To be or not to be,",
         "Rust is a language that",
     ];
-    for requantize in [Requantize::SlowTypes, Requantize::Never] {
+    for layout in [QuantLayout::SlowTypesAsQ8_0, QuantLayout::Stored] {
         let model = Model::load(
             &smollm2(),
             &LoadOptions {
-                requantize,
+                layout,
                 ..Default::default()
             },
         )
@@ -299,7 +302,7 @@ fn smollm2_batched_decode_equals_each_row_alone() {
                 .unwrap();
             for (i, (b, a)) in batched.iter().zip(&alone).enumerate() {
                 let diff = max_abs_diff(b, a);
-                assert!(diff < 2e-3, "{requantize:?} batch {batch} row {i}: {diff}");
+                assert!(diff < 2e-3, "{layout:?} batch {batch} row {i}: {diff}");
             }
         }
         // Against the dequantized twin (the same weights in f32, candle's f32 GEMM): ours is exact
@@ -315,16 +318,11 @@ fn smollm2_batched_decode_equals_each_row_alone() {
                 - t.iter().cloned().fold(f32::MAX, f32::min);
             let ours = max_abs_diff(&alone[i], &t) / spread;
             let theirs = max_abs_diff(&c, &t) / spread;
-            eprintln!(
-                "{requantize:?} row {i}: relative error ours {ours:.2e}, candle {theirs:.2e}"
-            );
-            assert!(
-                ours < 1e-4,
-                "{requantize:?} row {i}: ours differs by {ours}"
-            );
+            eprintln!("{layout:?} row {i}: relative error ours {ours:.2e}, candle {theirs:.2e}");
+            assert!(ours < 1e-4, "{layout:?} row {i}: ours differs by {ours}");
             assert!(
                 theirs < 0.1,
-                "{requantize:?} row {i}: candle differs by {theirs}"
+                "{layout:?} row {i}: candle differs by {theirs}"
             );
         }
     }
@@ -540,7 +538,7 @@ fn long_prefill_on_quantized_weights_equals_the_dequantized_reference() {
     let model = Model::load(
         &path,
         &LoadOptions {
-            requantize: Requantize::Never,
+            layout: QuantLayout::Stored,
             ..Default::default()
         },
     )

@@ -169,3 +169,154 @@ unsafe fn tile_rows<const R: usize, const KIND: u8, const P: usize>(t: &Tile, t1
         }
     }
 }
+
+/// One panel of a [`crate::qmat::QMatrix`] against activation rows `r0 .. r0 + rows` into
+/// `tile[r]`: each group's quants are unpacked into eight zmm registers (16 columns × 4 `k`)
+/// once and multiplied with every row by `vpdpbusd`.
+///
+/// # Safety
+/// The CPU must support AVX-512F/BW/VL and VNNI, FMA and F16C; `panel` holds `acts.k / 32`
+/// groups of `gb` bytes laid out for (`bits`, `halves`, `zero`); `rows <= MR` and
+/// `r0 + rows <= acts.m`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn qmat_tile(
+    bits: u8,
+    halves: bool,
+    zero: Option<u8>,
+    gb: usize,
+    panel: &[u8],
+    acts: &crate::qmat::QActs,
+    r0: usize,
+    rows: usize,
+    tile: &mut [[f32; crate::qmat::PANEL]; crate::qmat::MR],
+) {
+    debug_assert!(panel.len() == acts.k / 32 * gb && r0 + rows <= acts.m);
+    let args = (zero, gb, panel.as_ptr(), acts, r0);
+    macro_rules! by_rows {
+        ($b:literal, $h:literal) => {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                match rows {
+                    1 => qmat_rows::<$b, $h, 1>(args, tile),
+                    2 => qmat_rows::<$b, $h, 2>(args, tile),
+                    3 => qmat_rows::<$b, $h, 3>(args, tile),
+                    4 => qmat_rows::<$b, $h, 4>(args, tile),
+                    5 => qmat_rows::<$b, $h, 5>(args, tile),
+                    6 => qmat_rows::<$b, $h, 6>(args, tile),
+                    7 => qmat_rows::<$b, $h, 7>(args, tile),
+                    _ => qmat_rows::<$b, $h, 8>(args, tile),
+                }
+            }
+        };
+    }
+    match (bits, halves) {
+        (4, false) => by_rows!(4, false),
+        (4, true) => by_rows!(4, true),
+        (5, false) => by_rows!(5, false),
+        (6, true) => by_rows!(6, true),
+        (8, false) => by_rows!(8, false),
+        other => unreachable!("no packed scheme {other:?}"),
+    }
+}
+
+type QmatArgs<'a> = (Option<u8>, usize, *const u8, &'a crate::qmat::QActs, usize);
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn qmat_rows<const BITS: u8, const HALVES: bool, const R: usize>(
+    (zero, gb, panel, acts, r0): QmatArgs<'_>,
+    tile: &mut [[f32; crate::qmat::PANEL]; crate::qmat::MR],
+) {
+    let k = acts.k;
+    let (kd, ks) = (k / 32, k / 16);
+    let quant_bytes = match BITS {
+        4 => 256,
+        5 => 320,
+        6 => 384,
+        _ => 512,
+    };
+    let scale_bytes = if HALVES { 64 } else { 32 };
+    let lo = _mm512_set1_epi8(0x0F);
+    let neg_zero = zero.map(|z| _mm512_set1_ps(-f32::from(z)));
+    let mut acc = [_mm512_setzero_ps(); R];
+    // SAFETY (whole body): every pointer below stays inside `panel` (k / 32 groups of `gb`
+    // bytes) or inside rows r0 .. r0 + R of `acts` (the caller's contract).
+    unsafe {
+        let xq = acts.q.as_ptr().add(r0 * k);
+        let dx = acts.d.as_ptr().add(r0 * kd);
+        let sums = acts.sums.as_ptr().add(r0 * ks);
+        for g in 0..kd {
+            let gp = panel.add(g * gb);
+            let mut w = [_mm512_setzero_si512(); 8];
+            if BITS == 8 {
+                for (j, wj) in w.iter_mut().enumerate() {
+                    *wj = _mm512_loadu_si512(gp.add(64 * j).cast());
+                }
+            } else {
+                for t in 0..4 {
+                    let v = _mm512_loadu_si512(gp.add(64 * t).cast());
+                    w[t] = _mm512_and_si512(v, lo);
+                    w[t + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), lo);
+                }
+                for b in 0..usize::from(BITS - 4) {
+                    let bit = _mm512_set1_epi8(16 << b);
+                    for (j, wj) in w.iter_mut().enumerate() {
+                        let m =
+                            std::ptr::read_unaligned(gp.add(256 + 64 * b + 8 * j).cast::<u64>());
+                        *wj = _mm512_or_si512(*wj, _mm512_maskz_mov_epi8(m, bit));
+                    }
+                }
+            }
+            let sp = gp.add(quant_bytes);
+            let cvt = |p: *const u8| _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()));
+            let s0 = cvt(sp);
+            let s1 = if HALVES { cvt(sp.add(32)) } else { s0 };
+            let (o0, o1) = match neg_zero {
+                Some(z) => (_mm512_mul_ps(s0, z), _mm512_mul_ps(s1, z)),
+                None => {
+                    let o0 = cvt(sp.add(scale_bytes));
+                    (
+                        o0,
+                        if HALVES {
+                            cvt(sp.add(scale_bytes + 32))
+                        } else {
+                            o0
+                        },
+                    )
+                }
+            };
+            for (r, a) in acc.iter_mut().enumerate() {
+                let x = xq.add(r * k + g * 32);
+                let bx = |j: usize| {
+                    _mm512_set1_epi32(std::ptr::read_unaligned(x.add(4 * j).cast::<i32>()))
+                };
+                let d = _mm512_set1_ps(*dx.add(r * kd + g));
+                let sm = sums.add(r * ks + 2 * g);
+                if HALVES {
+                    let mut i0 = _mm512_setzero_si512();
+                    let mut i1 = _mm512_setzero_si512();
+                    for j in 0..4 {
+                        i0 = _mm512_dpbusd_epi32(i0, w[j], bx(j));
+                        i1 = _mm512_dpbusd_epi32(i1, w[j + 4], bx(j + 4));
+                    }
+                    *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(s0, d), *a);
+                    *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(s1, d), *a);
+                    *a = _mm512_fmadd_ps(o0, _mm512_set1_ps(*sm), *a);
+                    *a = _mm512_fmadd_ps(o1, _mm512_set1_ps(*sm.add(1)), *a);
+                } else {
+                    let mut i0 = _mm512_setzero_si512();
+                    let mut i1 = _mm512_setzero_si512();
+                    for j in 0..4 {
+                        i0 = _mm512_dpbusd_epi32(i0, w[j], bx(j));
+                        i1 = _mm512_dpbusd_epi32(i1, w[j + 4], bx(j + 4));
+                    }
+                    let i = _mm512_add_epi32(i0, i1);
+                    *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(s0, d), *a);
+                    *a = _mm512_fmadd_ps(o0, _mm512_set1_ps(*sm + *sm.add(1)), *a);
+                }
+            }
+        }
+        for (t, a) in tile.iter_mut().zip(acc) {
+            _mm512_storeu_ps(t.as_mut_ptr(), a);
+        }
+    }
+}

@@ -1,0 +1,838 @@
+//! Quantized weight matrices multiplied on their stored GGUF types with 8-bit activations.
+//!
+//! A [`QMatrix`] holds a `[n, k]` weight (GGUF blocks along `k`) repacked once, at load, into
+//! panels of [`PANEL`] output columns: for every group of [`GROUP`] values along `k`, the
+//! quantized values of the panel's 16 columns interleaved four at a time (one 64-byte register
+//! holds 4 consecutive `k` of 16 columns, what `vpdpbusd` multiplies), then the group's scales
+//! (and offsets) of the 16 columns. Every block type becomes the same form, `w = s·u + o` with
+//! unsigned quants `u` (4, 5, 6 or 8 bits, stored as a nibble plane plus bit planes) and f16
+//! `s`, `o` per 32 values (per 16 for Q6_K, Q3_K and Q2_K), so one kernel per bit width serves
+//! all of them and the bytes stay those of the file (see [`QType::packed_bits`]).
+//!
+//! Activations are quantized per row and group of 32 to int8 with an f32 scale ([`QActs`]), as
+//! llama.cpp's Q8 activations are: the product of a group is an exact integer sum
+//! `Σ u·q`, scaled by `s·dx` and offset by `o·dx·Σq`. The error against the f32 product of the
+//! dequantized weights is that of rounding the activations (at most `dx/2` per value) and of
+//! the f16 scales; [`QActs::error_bound`] states it and the tests hold every set to it.
+//!
+//! Decode (1-8 rows) and prefill (many rows) are one tiled kernel: a panel's group is unpacked
+//! into registers once and multiplied with up to [`MR`] rows; prefill walks the rows in tiles of
+//! [`MR`] over each panel while the panel stays in L1/L2.
+
+use crate::Isa;
+
+/// Output columns per panel (the 16 f32 lanes of a zmm register).
+pub const PANEL: usize = 16;
+/// Values along `k` per group (one activation scale).
+pub const GROUP: usize = 32;
+/// Activation rows multiplied per pass over a panel.
+pub const MR: usize = 8;
+
+/// The GGUF block types a [`QMatrix`] is packed from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QType {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QMatError {
+    #[error("quantized matrix [{n}, {k}]: k must be a multiple of {block} for {qtype:?}")]
+    Columns {
+        qtype: QType,
+        n: usize,
+        k: usize,
+        block: usize,
+    },
+    #[error("quantized matrix [{n}, {k}] of {qtype:?}: {got} bytes, expected {want}")]
+    Bytes {
+        qtype: QType,
+        n: usize,
+        k: usize,
+        got: usize,
+        want: usize,
+    },
+}
+
+/// How a type is laid out in the panels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Scheme {
+    /// Bits per quant: 4 (nibble plane), 5 or 6 (nibble plane and 1 or 2 bit planes), 8 (bytes).
+    bits: u8,
+    /// Scales (and offsets) per 16 values instead of per 32.
+    halves: bool,
+    /// `o = -zero·s` for symmetric types, whose offsets are therefore not stored.
+    zero: Option<u8>,
+}
+
+impl QType {
+    /// Values per GGUF block.
+    pub fn block_values(self) -> usize {
+        match self {
+            QType::Q4_0 | QType::Q4_1 | QType::Q5_0 | QType::Q5_1 | QType::Q8_0 => 32,
+            _ => 256,
+        }
+    }
+
+    /// Bytes per GGUF block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QType::Q4_0 => 18,
+            QType::Q4_1 => 20,
+            QType::Q5_0 => 22,
+            QType::Q5_1 => 24,
+            QType::Q8_0 => 34,
+            QType::Q2K => 84,
+            QType::Q3K => 110,
+            QType::Q4K => 144,
+            QType::Q5K => 176,
+            QType::Q6K => 210,
+        }
+    }
+
+    fn scheme(self) -> Scheme {
+        let s = |bits, halves, zero| Scheme { bits, halves, zero };
+        match self {
+            QType::Q4_0 => s(4, false, Some(8)),
+            QType::Q4_1 | QType::Q4K => s(4, false, None),
+            QType::Q5_0 => s(5, false, Some(16)),
+            QType::Q5_1 | QType::Q5K => s(5, false, None),
+            QType::Q8_0 => s(8, false, Some(128)),
+            QType::Q6K => s(6, true, Some(32)),
+            QType::Q3K => s(4, true, Some(4)),
+            QType::Q2K => s(4, true, None),
+        }
+    }
+
+    /// Bits per weight once packed (the file's: Q4_0 4.5, Q4_1 5, Q5_0 5.5, Q5_1 6, Q8_0 8.5;
+    /// the k-quants' two-level scales become one f16 per group: Q4_K 5 for 4.5, Q5_K 6 for 5.5,
+    /// Q6_K 7 for 6.56, Q3_K 5 for 3.44, Q2_K 6 for 2.63).
+    pub fn packed_bits(self) -> f64 {
+        let sc = self.scheme();
+        let per = if sc.halves { 16.0 } else { 32.0 };
+        let scales = if sc.zero.is_some() { 16.0 } else { 32.0 };
+        f64::from(sc.bits) + scales / per
+    }
+}
+
+impl Scheme {
+    fn quant_bytes(self) -> usize {
+        match self.bits {
+            4 => 256,
+            5 => 256 + 64,
+            6 => 256 + 128,
+            _ => 512,
+        }
+    }
+    /// Bytes of one group's scales (or offsets): one f16 per column and scale group.
+    fn scale_bytes(self) -> usize {
+        PANEL * 2 * if self.halves { 2 } else { 1 }
+    }
+    fn group_bytes(self) -> usize {
+        self.quant_bytes() + self.scale_bytes() * if self.zero.is_some() { 1 } else { 2 }
+    }
+}
+
+/// A `[n, k]` weight matrix packed into panels (see the module docs).
+pub struct QMatrix {
+    qtype: QType,
+    n: usize,
+    k: usize,
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QMatrix({:?}, [{}, {}])", self.qtype, self.n, self.k)
+    }
+}
+
+impl QMatrix {
+    /// Packs `n` rows of `k` values stored as GGUF blocks of `qtype` (`bytes`, row after row).
+    pub fn pack(qtype: QType, bytes: &[u8], n: usize, k: usize) -> Result<Self, QMatError> {
+        let block = qtype.block_values();
+        if k == 0 || !k.is_multiple_of(block) {
+            return Err(QMatError::Columns { qtype, n, k, block });
+        }
+        let row_bytes = k / block * qtype.block_bytes();
+        if bytes.len() != n * row_bytes {
+            return Err(QMatError::Bytes {
+                qtype,
+                n,
+                k,
+                got: bytes.len(),
+                want: n * row_bytes,
+            });
+        }
+        let sc = qtype.scheme();
+        let groups = k / GROUP;
+        let panels = n.div_ceil(PANEL);
+        let gb = sc.group_bytes();
+        let mut data = vec![0u8; panels * groups * gb];
+        let mut u = vec![0u8; PANEL * k];
+        let mut s = vec![0f32; PANEL * k / 16];
+        let mut o = vec![0f32; PANEL * k / 16];
+        for p in 0..panels {
+            u.fill(0);
+            s.fill(0.0);
+            o.fill(0.0);
+            for c in 0..PANEL.min(n - p * PANEL) {
+                let row = &bytes[(p * PANEL + c) * row_bytes..][..row_bytes];
+                for (b, blk) in row.chunks_exact(qtype.block_bytes()).enumerate() {
+                    let at = b * block;
+                    decode_block(
+                        qtype,
+                        blk,
+                        &mut u[c * k + at..][..block],
+                        &mut s[(c * k + at) / 16..][..block / 16],
+                        &mut o[(c * k + at) / 16..][..block / 16],
+                    );
+                }
+            }
+            for g in 0..groups {
+                let out = &mut data[(p * groups + g) * gb..][..gb];
+                write_group(sc, g, k, &u, &s, &o, out);
+            }
+        }
+        Ok(Self { qtype, n, k, data })
+    }
+
+    pub fn qtype(&self) -> QType {
+        self.qtype
+    }
+
+    /// Output features (weight rows).
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Input features (values per weight row).
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    fn panel(&self, p: usize) -> &[u8] {
+        let pb = self.k / GROUP * self.qtype.scheme().group_bytes();
+        &self.data[p * pb..][..pb]
+    }
+
+    /// Weight row `i` (`k` values) as f32, as the packed form holds it.
+    pub fn dequantize_row(&self, i: usize, out: &mut [f32]) {
+        assert!(
+            i < self.n && out.len() == self.k,
+            "qmat: row {i} of {self:?}"
+        );
+        let sc = self.qtype.scheme();
+        let (p, c) = (i / PANEL, i % PANEL);
+        let panel = self.panel(p);
+        let gb = sc.group_bytes();
+        for g in 0..self.k / GROUP {
+            let grp = &panel[g * gb..][..gb];
+            for j in 0..GROUP {
+                let h = usize::from(sc.halves && j >= 16);
+                let (s, o) = group_scale(sc, grp, h, c);
+                out[g * GROUP + j] = s * f32::from(read_quant(sc, grp, c, j)) + o;
+            }
+        }
+    }
+
+    /// All weights as f32 `[n, k]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.n * self.k];
+        for (i, row) in out.chunks_exact_mut(self.k).enumerate() {
+            self.dequantize_row(i, row);
+        }
+        out
+    }
+
+    /// Whether `isa` has a SIMD kernel for this matrix (else [`QMatrix::matmul`] runs the
+    /// portable reference, much slower than candle's kernels).
+    pub fn has_fast_kernel(isa: Isa) -> bool {
+        isa.has_avx512_vnni()
+    }
+
+    /// `y = x Wᵀ` for the `m` rows of `acts` (`[m, k]`, quantized): `y` `[m, n]` row-major,
+    /// overwritten. The panels are split over the rayon pool.
+    pub fn matmul(&self, isa: Isa, acts: &QActs, y: &mut [f32]) {
+        let (m, n) = (acts.m, self.n);
+        assert!(
+            acts.k == self.k && y.len() == m * n,
+            "qmat: {m} x {} activations into {} outputs for {self:?}",
+            acts.k,
+            y.len()
+        );
+        if m == 0 || n == 0 {
+            return;
+        }
+        let panels = n.div_ceil(PANEL);
+        // Tasks of at least ~64K multiply-adds, at most 8 per thread (load balance when the
+        // other core is busy); one thread runs inline.
+        let threads = rayon::current_num_threads().max(1);
+        let tasks = if threads == 1 {
+            1
+        } else {
+            (m * n * self.k / (64 * 1024))
+                .clamp(1, threads * 8)
+                .min(panels)
+        };
+        let per = panels.div_ceil(tasks);
+        let out = OutPtr(y.as_mut_ptr());
+        let run = |t: usize| {
+            let ps = t * per..((t + 1) * per).min(panels);
+            // SAFETY: task `t` writes only the columns of panels `ps`, disjoint from every
+            // other task's, inside `y` (`m * n` values, asserted above).
+            unsafe { self.panels(isa, acts, ps, out) };
+        };
+        if tasks == 1 {
+            run(0);
+        } else {
+            use rayon::prelude::*;
+            (0..tasks).into_par_iter().for_each(run);
+        }
+    }
+
+    /// # Safety
+    /// `y.0` points at `m * n` f32 values; no other thread writes the columns of `panels`.
+    unsafe fn panels(&self, isa: Isa, acts: &QActs, panels: std::ops::Range<usize>, y: OutPtr) {
+        let (m, n) = (acts.m, self.n);
+        let mut tile = [[0f32; PANEL]; MR];
+        for p in panels {
+            let panel = self.panel(p);
+            let cols = PANEL.min(n - p * PANEL);
+            for r0 in (0..m).step_by(MR) {
+                let rows = MR.min(m - r0);
+                self.tile(isa, panel, acts, r0, rows, &mut tile);
+                for (r, t) in tile.iter().enumerate().take(rows) {
+                    // SAFETY: row r0 + r < m, columns p * PANEL .. + cols < n (caller).
+                    unsafe {
+                        let dst = y.0.add((r0 + r) * n + p * PANEL);
+                        std::ptr::copy_nonoverlapping(t.as_ptr(), dst, cols);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One panel against rows `r0 .. r0 + rows` (`rows <= MR`) into `tile[r]`.
+    fn tile(
+        &self,
+        isa: Isa,
+        panel: &[u8],
+        acts: &QActs,
+        r0: usize,
+        rows: usize,
+        tile: &mut [[f32; PANEL]; MR],
+    ) {
+        let sc = self.qtype.scheme();
+        #[cfg(target_arch = "x86_64")]
+        if isa.has_avx512_vnni() {
+            // SAFETY: VNNI was detected (with AVX-512F/BW/VL); the panel holds `k / 32` groups
+            // of this scheme and `acts` holds rows r0 .. r0 + rows of `k` values.
+            unsafe {
+                crate::cpu::avx512::qmat_tile(
+                    sc.bits,
+                    sc.halves,
+                    sc.zero,
+                    sc.group_bytes(),
+                    panel,
+                    acts,
+                    r0,
+                    rows,
+                    tile,
+                )
+            };
+            return;
+        }
+        let _ = isa;
+        tile_portable(sc, panel, acts, r0, rows, tile);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint columns (see `QMatrix::matmul`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Activation rows quantized to int8 per group of 32, with what the kernels need besides.
+pub struct QActs {
+    pub(crate) m: usize,
+    pub(crate) k: usize,
+    /// `[m, k]` quants.
+    pub(crate) q: Vec<i8>,
+    /// `[m, k / 32]` scales `dx`.
+    pub(crate) d: Vec<f32>,
+    /// `[m, k / 16]`: `dx · Σq` over each 16 values (what an offset multiplies).
+    pub(crate) sums: Vec<f32>,
+}
+
+impl QActs {
+    /// Quantizes `x` `[m, k]` (`k % 32 == 0`): `dx = max|x| / 127`, `q = round(x / dx)`.
+    pub fn quantize(x: &[f32], m: usize, k: usize) -> Self {
+        assert!(
+            k.is_multiple_of(GROUP) && x.len() == m * k,
+            "qmat: {} activations for {m} x {k}",
+            x.len()
+        );
+        let groups = m * k / GROUP;
+        let mut q = vec![0i8; m * k];
+        let mut d = vec![0f32; groups];
+        let mut sums = vec![0f32; groups * 2];
+        for (g, (xs, qs)) in x
+            .chunks_exact(GROUP)
+            .zip(q.chunks_exact_mut(GROUP))
+            .enumerate()
+        {
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let dx = amax / 127.0;
+            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            // Round half to even with the 1.5·2^23 trick: exact for |v| <= 127, and it
+            // vectorises where `round` would be a call.
+            const MAGIC: f32 = 12_582_912.0;
+            for (qv, &v) in qs.iter_mut().zip(xs) {
+                *qv = ((v * inv + MAGIC) - MAGIC) as i8;
+            }
+            d[g] = dx;
+            for h in 0..2 {
+                let s: i32 = qs[h * 16..][..16].iter().map(|&v| i32::from(v)).sum();
+                sums[g * 2 + h] = dx * s as f32;
+            }
+        }
+        Self { m, k, q, d, sums }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    /// A bound on `|y - y_ref|` for output row `r`, where `y_ref` is the f32 product of the
+    /// dequantized weights with the unquantized activations: rounding each activation moves it
+    /// by at most `dx/2`, so the error is at most `Σ_g dx_g/2 · Σ_{j∈g} |w_j|`. `w_abs_group`
+    /// gives `Σ|w|` over each group of the weight row.
+    pub fn error_bound(&self, r: usize, w_abs_group: &[f32]) -> f32 {
+        let g0 = r * self.k / GROUP;
+        w_abs_group
+            .iter()
+            .enumerate()
+            .map(|(g, a)| self.d[g0 + g] * 0.5 * a)
+            .sum()
+    }
+}
+
+/// Decodes one GGUF block into unsigned quants `u` (one per value) and per-16 scales `s` and
+/// offsets `o`, so that value `j` is `s[j/16]·u[j] + o[j/16]` (ggml's `dequantize_row_*`).
+fn decode_block(qtype: QType, b: &[u8], u: &mut [u8], s: &mut [f32], o: &mut [f32]) {
+    let f16 = |i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    let mut per32 = |j: usize, sv: f32, ov: f32| {
+        s[2 * j] = sv;
+        s[2 * j + 1] = sv;
+        o[2 * j] = ov;
+        o[2 * j + 1] = ov;
+    };
+    match qtype {
+        QType::Q4_0 | QType::Q4_1 => {
+            let (d, m, qs) = if qtype == QType::Q4_0 {
+                (f16(0), -8.0 * f16(0), &b[2..18])
+            } else {
+                (f16(0), f16(2), &b[4..20])
+            };
+            per32(0, d, m);
+            for j in 0..16 {
+                u[j] = qs[j] & 0x0F;
+                u[j + 16] = qs[j] >> 4;
+            }
+        }
+        QType::Q5_0 | QType::Q5_1 => {
+            let (d, m, at) = if qtype == QType::Q5_0 {
+                (f16(0), -16.0 * f16(0), 2)
+            } else {
+                (f16(0), f16(2), 4)
+            };
+            per32(0, d, m);
+            let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+            let qs = &b[at + 4..at + 20];
+            for j in 0..16 {
+                u[j] = (qs[j] & 0x0F) | ((((qh >> j) & 1) as u8) << 4);
+                u[j + 16] = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+            }
+        }
+        QType::Q8_0 => {
+            let d = f16(0);
+            per32(0, d, -128.0 * d);
+            for j in 0..32 {
+                u[j] = (b[2 + j] as i8 as i16 + 128) as u8;
+            }
+        }
+        QType::Q4K | QType::Q5K => {
+            let (d, dmin) = (f16(0), f16(2));
+            let scales = &b[4..16];
+            let (qh, qs) = if qtype == QType::Q4K {
+                (None, &b[16..144])
+            } else {
+                (Some(&b[16..48]), &b[48..176])
+            };
+            for c in 0..4 {
+                for h in 0..2 {
+                    let j = 2 * c + h;
+                    let (sc, m) = k4_scale_min(j, scales);
+                    per32(j, d * f32::from(sc), -dmin * f32::from(m));
+                    for l in 0..32 {
+                        let q = qs[32 * c + l];
+                        let mut v = if h == 0 { q & 0x0F } else { q >> 4 };
+                        if let Some(qh) = qh {
+                            v |= ((qh[l] >> j) & 1) << 4;
+                        }
+                        u[32 * j + l] = v;
+                    }
+                }
+            }
+        }
+        QType::Q6K => {
+            let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+            let d = f16(208);
+            for (i, &v) in sc.iter().enumerate() {
+                s[i] = d * f32::from(v as i8);
+                o[i] = -32.0 * s[i];
+            }
+            for n in 0..2 {
+                let (ql, qh) = (&ql[64 * n..], &qh[32 * n..]);
+                let u = &mut u[128 * n..];
+                for l in 0..32 {
+                    u[l] = (ql[l] & 0x0F) | ((qh[l] & 3) << 4);
+                    u[l + 32] = (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4);
+                    u[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                    u[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+                }
+            }
+        }
+        QType::Q2K => {
+            let (sc, qs) = (&b[0..16], &b[16..80]);
+            let (d, dmin) = (f16(80), f16(82));
+            for (i, &v) in sc.iter().enumerate() {
+                s[i] = d * f32::from(v & 0x0F);
+                o[i] = -dmin * f32::from(v >> 4);
+            }
+            for (e, ue) in u.iter_mut().enumerate() {
+                let (n, r) = (e / 128, e % 128);
+                let (j, half, l) = (r / 32, (r % 32) / 16, r % 16);
+                *ue = (qs[32 * n + 16 * half + l] >> (2 * j)) & 3;
+            }
+        }
+        QType::Q3K => {
+            let (hm, qs, raw) = (&b[0..32], &b[32..96], &b[96..108]);
+            let d = f16(108);
+            for (i, sv) in k3_scales(raw).into_iter().enumerate() {
+                s[i] = d * f32::from(sv);
+                o[i] = -4.0 * s[i];
+            }
+            for (e, ue) in u.iter_mut().enumerate() {
+                let (n, r) = (e / 128, e % 128);
+                let (j, half, l) = (r / 32, (r % 32) / 16, r % 16);
+                let lo = (qs[32 * n + 16 * half + l] >> (2 * j)) & 3;
+                let hi = (hm[16 * half + l] >> (4 * n + j)) & 1;
+                *ue = lo | (hi << 2);
+            }
+        }
+    }
+}
+
+/// Q4_K/Q5_K's 6-bit scale and min of sub-block `j` (ggml's `get_scale_min_k4`).
+fn k4_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Q3_K's sixteen 6-bit scales, minus 32.
+fn k3_scales(raw: &[u8]) -> [i8; 16] {
+    let mut out = [0i8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        let low = if i < 8 {
+            raw[i] & 0x0F
+        } else {
+            raw[i - 8] >> 4
+        };
+        let high = (raw[8 + i % 4] >> (2 * (i / 4))) & 3;
+        *o = ((low | (high << 4)) as i8) - 32;
+    }
+    out
+}
+
+/// Writes group `g` of a panel: quants interleaved four `k` at a time, then scales, offsets.
+/// `u` `[16, k]`, `s`/`o` `[16, k / 16]` per column of the panel.
+fn write_group(sc: Scheme, g: usize, k: usize, u: &[u8], s: &[f32], o: &[f32], out: &mut [u8]) {
+    let uq = |c: usize, j: usize| u[c * k + g * GROUP + j];
+    match sc.bits {
+        8 => {
+            for j in 0..8 {
+                for c in 0..PANEL {
+                    for kk in 0..4 {
+                        out[64 * j + 4 * c + kk] = uq(c, 4 * j + kk);
+                    }
+                }
+            }
+        }
+        _ => {
+            for t in 0..4 {
+                for c in 0..PANEL {
+                    for kk in 0..4 {
+                        let lo = uq(c, 4 * t + kk) & 0x0F;
+                        let hi = uq(c, 16 + 4 * t + kk) & 0x0F;
+                        out[64 * t + 4 * c + kk] = lo | (hi << 4);
+                    }
+                }
+            }
+            // Bit planes: plane `b` (bit 4 + b), chunk `j` (k = 4j .. 4j + 4): one u64 whose
+            // bit `4c + kk` is that bit of column c's value k = 4j + kk.
+            for b in 0..usize::from(sc.bits - 4) {
+                for j in 0..8 {
+                    let mut mask = 0u64;
+                    for c in 0..PANEL {
+                        for kk in 0..4 {
+                            let bit = (uq(c, 4 * j + kk) >> (4 + b)) & 1;
+                            mask |= u64::from(bit) << (4 * c + kk);
+                        }
+                    }
+                    out[256 + 64 * b + 8 * j..][..8].copy_from_slice(&mask.to_le_bytes());
+                }
+            }
+        }
+    }
+    let halves = if sc.halves { 2 } else { 1 };
+    let at = sc.quant_bytes();
+    for h in 0..halves {
+        for c in 0..PANEL {
+            let i = c * k / 16 + 2 * g + h;
+            let sv = half::f16::from_f32(s[i]).to_le_bytes();
+            out[at + 2 * (h * PANEL + c)..][..2].copy_from_slice(&sv);
+            if sc.zero.is_none() {
+                let ov = half::f16::from_f32(o[i]).to_le_bytes();
+                let at = at + sc.scale_bytes();
+                out[at + 2 * (h * PANEL + c)..][..2].copy_from_slice(&ov);
+            }
+        }
+    }
+}
+
+/// Quant `j` (0..32) of column `c` in a packed group.
+fn read_quant(sc: Scheme, grp: &[u8], c: usize, j: usize) -> u8 {
+    let (chunk, kk) = (j / 4, j % 4);
+    if sc.bits == 8 {
+        return grp[64 * chunk + 4 * c + kk];
+    }
+    let byte = grp[64 * (chunk % 4) + 4 * c + kk];
+    let mut v = if chunk < 4 { byte & 0x0F } else { byte >> 4 };
+    for b in 0..usize::from(sc.bits - 4) {
+        let mask = u64::from_le_bytes(grp[256 + 64 * b + 8 * chunk..][..8].try_into().unwrap());
+        v |= (((mask >> (4 * c + kk)) & 1) as u8) << (4 + b);
+    }
+    v
+}
+
+/// Scale and offset of half `h` (0 unless per-16) of column `c` in a packed group.
+fn group_scale(sc: Scheme, grp: &[u8], h: usize, c: usize) -> (f32, f32) {
+    let at = sc.quant_bytes() + 2 * (h * PANEL + c);
+    let f = |i: usize| half::f16::from_le_bytes([grp[i], grp[i + 1]]).to_f32();
+    let s = f(at);
+    let o = match sc.zero {
+        Some(z) => -f32::from(z) * s,
+        None => f(at + sc.scale_bytes()),
+    };
+    (s, o)
+}
+
+/// The reference kernel: integer sums per group (or half), scaled as the SIMD kernels do.
+fn tile_portable(
+    sc: Scheme,
+    panel: &[u8],
+    acts: &QActs,
+    r0: usize,
+    rows: usize,
+    tile: &mut [[f32; PANEL]; MR],
+) {
+    let k = acts.k;
+    let gb = sc.group_bytes();
+    for t in tile.iter_mut().take(rows) {
+        t.fill(0.0);
+    }
+    for g in 0..k / GROUP {
+        let grp = &panel[g * gb..][..gb];
+        for c in 0..PANEL {
+            let mut u = [0u8; GROUP];
+            for (j, v) in u.iter_mut().enumerate() {
+                *v = read_quant(sc, grp, c, j);
+            }
+            let s0 = group_scale(sc, grp, 0, c);
+            let scales = [
+                s0,
+                if sc.halves {
+                    group_scale(sc, grp, 1, c)
+                } else {
+                    s0
+                },
+            ];
+            for (r, t) in tile.iter_mut().enumerate().take(rows) {
+                let row = r0 + r;
+                let xq = &acts.q[row * k + g * GROUP..][..GROUP];
+                let dx = acts.d[row * k / GROUP + g];
+                let sums = &acts.sums[row * k / 16 + 2 * g..][..2];
+                for h in 0..2 {
+                    let isum: i32 = (16 * h..16 * h + 16)
+                        .map(|j| i32::from(u[j]) * i32::from(xq[j]))
+                        .sum();
+                    let (s, o) = scales[h];
+                    t[c] += s * dx * isum as f32 + o * sums[h];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    pub(crate) const ALL: [QType; 10] = [
+        QType::Q4_0,
+        QType::Q4_1,
+        QType::Q5_0,
+        QType::Q5_1,
+        QType::Q8_0,
+        QType::Q2K,
+        QType::Q3K,
+        QType::Q4K,
+        QType::Q5K,
+        QType::Q6K,
+    ];
+
+    /// Random bytes for `blocks` blocks of `qtype`, with sane f16 scales (random bits would be
+    /// NaN or huge).
+    fn random_blocks(qtype: QType, blocks: usize, rng: &mut impl Rng) -> Vec<u8> {
+        let mut out = Vec::new();
+        let f16_at: &[usize] = match qtype {
+            QType::Q4_0 | QType::Q5_0 | QType::Q8_0 => &[0],
+            QType::Q4_1 | QType::Q5_1 | QType::Q4K | QType::Q5K => &[0, 2],
+            QType::Q2K => &[80, 82],
+            QType::Q3K => &[108],
+            QType::Q6K => &[208],
+        };
+        for _ in 0..blocks {
+            let mut b: Vec<u8> = (0..qtype.block_bytes()).map(|_| rng.random()).collect();
+            for &i in f16_at {
+                let v = half::f16::from_f32(rng.random_range(-0.05..0.05));
+                b[i..i + 2].copy_from_slice(&v.to_le_bytes());
+            }
+            out.extend(b);
+        }
+        out
+    }
+
+    /// The values as ggml decodes them, straight from the blocks (f32 scales, no packing).
+    fn decoded(qtype: QType, bytes: &[u8], n: usize, k: usize) -> Vec<f32> {
+        let bv = qtype.block_values();
+        let mut out = Vec::with_capacity(n * k);
+        for blk in bytes.chunks_exact(qtype.block_bytes()) {
+            let (mut u, mut s, mut o) = (vec![0u8; bv], vec![0f32; bv / 16], vec![0f32; bv / 16]);
+            decode_block(qtype, blk, &mut u, &mut s, &mut o);
+            out.extend((0..bv).map(|j| s[j / 16] * f32::from(u[j]) + o[j / 16]));
+        }
+        out
+    }
+
+    #[test]
+    fn packing_keeps_every_value_up_to_the_f16_scales() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for qtype in ALL {
+            let (n, k) = (37, 512);
+            let bytes = random_blocks(qtype, n * k / qtype.block_values(), &mut rng);
+            let want = decoded(qtype, &bytes, n, k);
+            let got = QMatrix::pack(qtype, &bytes, n, k).unwrap().dequantize();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                // f16 rounding of s and o (each at most 2^-11 relative), values up to 255·s.
+                let tol = 2e-3 * w.abs() + 1e-3 * 0.05 * 64.0;
+                assert!((g - w).abs() <= tol, "{qtype:?} value {i}: {g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_set_stays_within_the_activation_rounding_bound() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        for qtype in ALL {
+            for (n, k, m) in [(16, 256, 1), (37, 512, 3), (5, 768, 8), (33, 256, 19)] {
+                let bytes = random_blocks(qtype, n * k / qtype.block_values(), &mut rng);
+                let qm = QMatrix::pack(qtype, &bytes, n, k).unwrap();
+                let w = qm.dequantize();
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let acts = QActs::quantize(&x, m, k);
+                let mut outs = Vec::new();
+                for isa in Isa::available() {
+                    let mut y = vec![f32::NAN; m * n];
+                    qm.matmul(isa, &acts, &mut y);
+                    for r in 0..m {
+                        for c in 0..n {
+                            let wr = &w[c * k..][..k];
+                            let exact: f64 = (0..k)
+                                .map(|i| f64::from(wr[i]) * f64::from(x[r * k + i]))
+                                .sum();
+                            let abs: Vec<f32> = wr
+                                .chunks_exact(GROUP)
+                                .map(|g| g.iter().map(|v| v.abs()).sum())
+                                .collect();
+                            // The rounding bound, plus f32 summation of k terms.
+                            let bound = acts.error_bound(r, &abs) * 1.001 + 1e-4;
+                            let got = y[r * n + c];
+                            assert!(
+                                (f64::from(got) - exact).abs() <= f64::from(bound),
+                                "{qtype:?} {isa} [{m}x{k}]·[{n}] at ({r},{c}): {got} vs \
+                                 {exact}, bound {bound}"
+                            );
+                        }
+                    }
+                    outs.push((isa, y));
+                }
+                // The sets compute the same integer sums: they agree far inside the bound.
+                let (_, reference) = outs.last().unwrap();
+                for (isa, y) in &outs {
+                    for (a, b) in y.iter().zip(reference) {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                            "{qtype:?} {isa}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_refused_with_the_numbers() {
+        let e = QMatrix::pack(QType::Q4K, &[0; 144], 1, 128).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "quantized matrix [1, 128]: k must be a multiple of 256 for Q4K"
+        );
+        let e = QMatrix::pack(QType::Q8_0, &[0; 33], 1, 32).unwrap_err();
+        assert!(e.to_string().contains("33 bytes, expected 34"), "{e}");
+    }
+}
