@@ -67,11 +67,11 @@ pub(crate) struct BaseArgs {
     /// A Hugging Face model folder or a .gguf file.
     #[arg(long)]
     pub(crate) base: PathBuf,
-    /// How quantized GGUF tensors are held: `q8` (candle's kernels and ours with f32
-    /// activations, Q4_1/Q5_0/Q5_1 re-quantized to Q8_0), `stored` (the same on the file's
-    /// tensors) or `packed` (our int8 kernels on the stored types, where the CPU has AVX-512
-    /// VNNI, else `q8`; fastest, but batched rows with adapters may differ from the row alone).
-    #[arg(long, value_enum, default_value_t = LayoutArg::Q8)]
+    /// How quantized GGUF tensors are held: `packed` (our int8 kernels on the stored types,
+    /// where the CPU has them, else `q8`; the fastest and the file's size), `q8` (candle's
+    /// kernels and ours with f32 activations, Q4_1/Q5_0/Q5_1 re-quantized to Q8_0) or `stored`
+    /// (candle's kernels on the file's tensors).
+    #[arg(long, value_enum, default_value_t = LayoutArg::Packed)]
     pub(crate) quant_layout: LayoutArg,
 }
 

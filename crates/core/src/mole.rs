@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 use ramole_kernels::lowrank::LowRank;
@@ -75,49 +75,32 @@ impl Values {
             Precision::Bf16 => Values::Bf16(v.into_iter().map(half::bf16::from_f32).collect()),
         }
     }
-
-    /// As an f32 tensor of `shape` (one copy).
-    fn tensor(&self, shape: (usize, usize), device: &Device) -> candle_core::Result<Tensor> {
-        match self {
-            Values::F32(v) => Tensor::from_slice(v, shape, device),
-            Values::Bf16(v) => {
-                Tensor::from_vec(v.iter().map(|x| x.to_f32()).collect(), shape, device)
-            }
-        }
-    }
 }
 
-/// One low-rank pair, row-major: `a` `[rank, in]`, `b_t` `[rank, out]` (B transposed, gates and
-/// scales folded in), so both loops below read contiguous rows.
+/// One low-rank term, row-major: `a` `[rank, in]`, `b_t` `[rank, out]` (B transposed), applied
+/// as `y_t += scale B (A x_t)`. A `mixture`/`selection` row holds one term per adapter (its gate
+/// times its LoRA scale in `scale`), a `fusion` row one averaged term (gates folded in, scale 1).
 struct SitePair {
     rank: usize,
     inp: usize,
     out: usize,
+    scale: f32,
     a: Values,
     b_t: Values,
 }
 
-/// Rows up to this many tokens take the direct loop (decode); longer ones the GEMM.
-const DIRECT_MAX_TOKENS: usize = 4;
-
 impl SitePair {
-    /// `x` `[n, in]` -> `[n, out]` through candle's GEMM (the reference, and prefill).
-    fn apply_gemm(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let a = self.a.tensor((self.rank, self.inp), x.device())?;
-        let b_t = self.b_t.tensor((self.rank, self.out), x.device())?;
-        x.matmul(&a.t()?)?.matmul(&b_t)
-    }
-
-    /// Adds `B (A x_t)` to `y_t` for the `n` tokens of `x` `[n, in]`, `y` `[n, out]`.
-    fn apply_direct(&self, x: &[f32], y: &mut [f32]) {
+    /// Adds `scale_t B (A x_t)` to `y_t` for the `n` tokens of `x` `[n, in]`, `y` `[n, out]`;
+    /// `scales[t]` is the scale of token `t`.
+    fn apply(&self, x: &[f32], scales: &[f32], y: &mut [f32]) {
         let shape = LowRank {
             rank: self.rank,
             inp: self.inp,
             out: self.out,
         };
         match (&self.a, &self.b_t) {
-            (Values::F32(a), Values::F32(b)) => shape.apply(a, b, x, None, y),
-            (Values::Bf16(a), Values::Bf16(b)) => shape.apply(a, b, x, None, y),
+            (Values::F32(a), Values::F32(b)) => shape.apply(a, b, x, Some(scales), y),
+            (Values::Bf16(a), Values::Bf16(b)) => shape.apply(a, b, x, Some(scales), y),
             _ => unreachable!("both factors share one precision"),
         }
     }
@@ -131,10 +114,12 @@ impl SitePair {
     }
 }
 
-/// A row's plan compiled into one low-rank pair per site.
+/// A row's plan compiled into its low-rank terms per site.
 pub struct CompiledMix {
     plan: Plan,
-    sites: BTreeMap<Site, SitePair>,
+    precision: Precision,
+    /// Per site, the terms in the order of `parts` (sum plans) or the one averaged term.
+    sites: BTreeMap<Site, Vec<SitePair>>,
     /// The adapters (gate > 0) it was compiled from, for the union form and provenance.
     parts: Vec<(Arc<LoraAdapter>, f32)>,
 }
@@ -199,7 +184,18 @@ impl CompiledMix {
         }
         let mut sites = BTreeMap::new();
         for (site, parts) in by_site {
-            let (a, b) = match plan {
+            let pair = |a: Tensor, b_t: Tensor, scale: f32| -> candle_core::Result<SitePair> {
+                let (rank, inp) = a.dims2()?;
+                Ok(SitePair {
+                    rank,
+                    inp,
+                    out: b_t.dim(1)?,
+                    scale,
+                    a: Values::new(a.flatten_all()?.to_vec1()?, precision),
+                    b_t: Values::new(b_t.flatten_all()?.to_vec1()?, precision),
+                })
+            };
+            let terms = match plan {
                 Plan::Fusion => {
                     let mut a = (&parts[0].0.a * parts[0].1 as f64)?;
                     let mut b = (&parts[0].0.b * (parts[0].1 * parts[0].0.scale) as f64)?;
@@ -207,32 +203,20 @@ impl CompiledMix {
                         a = (a + (&f.a * *g as f64)?)?;
                         b = (b + (&f.b * (*g * f.scale) as f64)?)?;
                     }
-                    (a, b)
+                    vec![pair(a, b.t()?, 1.0)?]
                 }
-                _ => {
-                    let a: Vec<&Tensor> = parts.iter().map(|(f, _)| &f.a).collect();
-                    let b: Vec<Tensor> = parts
-                        .iter()
-                        .map(|(f, g)| &f.b * (*g * f.scale) as f64)
-                        .collect::<candle_core::Result<_>>()?;
-                    (Tensor::cat(&a, 0)?, Tensor::cat(&b, 1)?)
-                }
+                // Unscaled factors and the gate in `scale`: the very numbers the union form
+                // reads from the adapter, so a row's term does not depend on the strategy.
+                _ => parts
+                    .iter()
+                    .map(|(f, g)| pair(f.a.clone(), f.b_t.clone(), g * f.scale))
+                    .collect::<candle_core::Result<_>>()?,
             };
-            let (rank, inp) = a.dims2()?;
-            let out = b.dim(0)?;
-            sites.insert(
-                site,
-                SitePair {
-                    rank,
-                    inp,
-                    out,
-                    a: Values::new(a.flatten_all()?.to_vec1()?, precision),
-                    b_t: Values::new(b.t()?.flatten_all()?.to_vec1()?, precision),
-                },
-            );
+            sites.insert(site, terms);
         }
         Ok(Self {
             plan,
+            precision,
             sites,
             parts: live,
         })
@@ -253,7 +237,11 @@ impl CompiledMix {
 
     /// Bytes a decode step reads from it.
     pub fn bytes(&self) -> usize {
-        self.sites.values().map(SitePair::bytes).sum::<usize>()
+        self.sites
+            .values()
+            .flatten()
+            .map(SitePair::bytes)
+            .sum::<usize>()
     }
 
     /// Whether the union form may apply its adapters one by one (a sum of gated terms).
@@ -321,7 +309,14 @@ impl MixDelta {
             strategy: Strategy::Gather,
         };
         let (gather, union) = d.estimate();
-        if union < gather {
+        // The union form reads the adapters' own f32 factors: only rows compiled in f32 get
+        // the same numbers from it as from their compiled terms.
+        let exact = d
+            .rows
+            .iter()
+            .flatten()
+            .all(|m| m.precision == Precision::F32);
+        if union < gather && exact {
             d.strategy = Strategy::Union;
         }
         d
@@ -359,18 +354,18 @@ impl MixDelta {
         (gather, union)
     }
 
+    /// Each row's term is `sum_j scale_j B_j (A_j x_t)` over its terms in its own order, every
+    /// token through the same loop whatever the number of tokens. The strategy only groups the
+    /// reads; the arithmetic of a token is fixed by its row's mixture alone, so a row's numbers
+    /// do not depend on its neighbours in the batch or on how its prompt was split into steps
+    /// (a last-bit difference would otherwise flip the base kernel's int8 rounding of the next
+    /// activation, and then a greedy token).
     fn delta_fast(
         &self,
         site: Site,
         x: &Tensor,
         spans: &[RowSpan],
     ) -> candle_core::Result<Option<Tensor>> {
-        let pair = |i: usize| {
-            self.rows
-                .get(i)
-                .and_then(|m| m.as_ref())
-                .and_then(|m| m.sites.get(&site))
-        };
         let union_here: Vec<(usize, &crate::adapter::LoraFactors)> = match self.strategy {
             Strategy::Gather => Vec::new(),
             Strategy::Union => self
@@ -380,12 +375,14 @@ impl MixDelta {
                 .filter_map(|(j, a)| a.factors(site).map(|f| (j, f)))
                 .collect(),
         };
-        let out = match (0..spans.len()).find_map(pair) {
-            Some(p) => p.out,
-            None => match union_here.first() {
-                Some((_, f)) => f.b.dim(0)?,
-                None => return Ok(None),
-            },
+        let out = self
+            .rows
+            .iter()
+            .flatten()
+            .find_map(|m| m.sites.get(&site).and_then(|t| t.first()))
+            .map(|p| p.out);
+        let Some(out) = out else {
+            return Ok(None);
         };
         let inp = x.dim(1)?;
         let n = x.dim(0)?;
@@ -394,13 +391,14 @@ impl MixDelta {
             return self.reference_delta(site, &x, spans);
         };
         let xs = xr.slice();
-        // Work items: each reads one pair (a group's compiled mixture, or one union adapter)
-        // for the tokens of the rows it serves, and returns their terms to add.
-        enum Item<'a> {
+        // Work items: each reads one term's factors (a compiled term, or one union adapter) for
+        // the tokens of the rows it serves; `slots[i]` lists (position in row i's sum, item).
+        enum Factors<'a> {
             Compiled(&'a SitePair),
-            Adapter(&'a crate::adapter::LoraFactors, usize),
+            Adapter(&'a crate::adapter::LoraFactors),
         }
-        let mut items: Vec<(Item<'_>, Vec<usize>)> = Vec::new();
+        let mut items: Vec<(Factors<'_>, Vec<(usize, f32)>)> = Vec::new();
+        let mut slots: Vec<Vec<(usize, usize)>> = vec![Vec::new(); spans.len()];
         for g in &self.mapping.groups {
             let m = self.rows[g.rows[0]]
                 .as_ref()
@@ -408,51 +406,64 @@ impl MixDelta {
             if self.strategy == Strategy::Union && m.is_sum() {
                 continue;
             }
-            if let Some(p) = m.sites.get(&site) {
-                items.push((Item::Compiled(p), g.rows.clone()));
+            for (pos, p) in m.sites.get(&site).into_iter().flatten().enumerate() {
+                for &i in &g.rows {
+                    slots[i].push((pos, items.len()));
+                }
+                items.push((
+                    Factors::Compiled(p),
+                    g.rows.iter().map(|&i| (i, p.scale)).collect(),
+                ));
             }
         }
         for (j, f) in &union_here {
-            let rows: Vec<usize> = (0..spans.len())
-                .filter(|&i| self.mapping.mapping[i][*j] > 0.0)
-                .collect();
-            if !rows.is_empty() {
-                items.push((Item::Adapter(f, *j), rows));
+            let adapter = &self.union[*j];
+            let mut rows = Vec::new();
+            for (i, slot) in slots.iter_mut().enumerate() {
+                let g = self.mapping.mapping[i][*j];
+                if g <= 0.0 {
+                    continue;
+                }
+                let m = self.rows[i].as_ref().expect("a row with a gate has a mix");
+                // The position among the row's terms at this site: its parts that have one.
+                let pos = m
+                    .parts
+                    .iter()
+                    .filter(|(a, _)| a.factors(site).is_some())
+                    .position(|(a, _)| Arc::ptr_eq(a, adapter))
+                    .expect("a union adapter with a gate is one of the row's parts");
+                slot.push((pos, items.len()));
+                rows.push((i, g * f.scale));
             }
+            if !rows.is_empty() {
+                items.push((Factors::Adapter(f), rows));
+            }
+        }
+        if items.is_empty() {
+            return Ok(None);
         }
         let factor_views: Vec<_> = items
             .iter()
             .map(|(it, _)| match it {
-                Item::Adapter(f, _) => Raw::of(&f.a).zip(Raw::of(&f.b_t)),
-                Item::Compiled(_) => None,
+                Factors::Adapter(f) => Raw::of(&f.a).zip(Raw::of(&f.b_t)),
+                Factors::Compiled(_) => None,
             })
             .collect();
-        let terms: Vec<candle_core::Result<Vec<f32>>> = items
+        let terms: Vec<Vec<f32>> = items
             .par_iter()
             .zip(factor_views.par_iter())
-            .map(|((item, rows), view)| {
+            .map(|((factors, rows), view)| {
                 let mut xg = Vec::new();
-                for &i in rows {
-                    let s = spans[i];
-                    xg.extend_from_slice(&xs[s.start * inp..(s.start + s.len) * inp]);
+                let mut scales = Vec::new();
+                for &(i, s) in rows {
+                    let sp = spans[i];
+                    xg.extend_from_slice(&xs[sp.start * inp..(sp.start + sp.len) * inp]);
+                    scales.extend(std::iter::repeat_n(s, sp.len));
                 }
-                let tokens = xg.len() / inp;
-                let short = rows.iter().all(|&i| spans[i].len <= DIRECT_MAX_TOKENS);
-                let mut y = vec![0f32; tokens * out];
-                match item {
-                    Item::Compiled(p) if short => p.apply_direct(&xg, &mut y),
-                    Item::Compiled(p) => {
-                        let xt = Tensor::from_vec(xg, (tokens, inp), x.device())?;
-                        y = p.apply_gemm(&xt)?.flatten_all()?.to_vec1()?;
-                    }
-                    Item::Adapter(f, j) => {
-                        let scales: Vec<f32> = rows
-                            .iter()
-                            .flat_map(|&i| {
-                                let s = self.mapping.mapping[i][*j] * f.scale;
-                                std::iter::repeat_n(s, spans[i].len)
-                            })
-                            .collect();
+                let mut y = vec![0f32; scales.len() * out];
+                match factors {
+                    Factors::Compiled(p) => p.apply(&xg, &scales, &mut y),
+                    Factors::Adapter(f) => {
                         let (a, b_t) = view.as_ref().expect("adapter factors are on the CPU");
                         let shape = LowRank {
                             rank: f.rank(),
@@ -462,20 +473,30 @@ impl MixDelta {
                         shape.apply(a.slice(), b_t.slice(), &xg, Some(&scales), &mut y);
                     }
                 }
-                Ok(y)
+                y
             })
             .collect();
+        // Where each row's tokens sit in each item's output.
+        let mut at: Vec<Vec<usize>> = Vec::with_capacity(items.len());
+        for (_, rows) in &items {
+            let mut o = 0;
+            let mut offs = vec![usize::MAX; spans.len()];
+            for &(i, _) in rows {
+                offs[i] = o;
+                o += spans[i].len * out;
+            }
+            at.push(offs);
+        }
         let mut y = vec![0f32; n * out];
-        for ((_, rows), term) in items.iter().zip(terms) {
-            let term = term?;
-            let mut at = 0;
-            for &i in rows {
-                let s = spans[i];
-                let dst = &mut y[s.start * out..(s.start + s.len) * out];
-                for (d, v) in dst.iter_mut().zip(&term[at..at + s.len * out]) {
+        for (i, slot) in slots.iter_mut().enumerate() {
+            slot.sort_unstable();
+            let s = spans[i];
+            let dst = &mut y[s.start * out..(s.start + s.len) * out];
+            for &(_, it) in slot.iter() {
+                let o = at[it][i];
+                for (d, v) in dst.iter_mut().zip(&terms[it][o..o + s.len * out]) {
                     *d += v;
                 }
-                at += s.len * out;
             }
         }
         Tensor::from_vec(y, (n, out), x.device()).map(Some)

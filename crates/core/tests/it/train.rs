@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use crate::common::*;
 use ramole_core::adapter::LoraAdapter;
-use ramole_core::model::{GenerateParams, LogitsAt, Model, RowInput, Sampling, SiteKind, generate};
+use ramole_core::model::{
+    GenerateParams, LoadOptions, LogitsAt, Model, QuantLayout, RowInput, Sampling, SiteKind,
+    generate,
+};
 use ramole_core::mole::{CompiledMix, MixDelta};
 use ramole_core::train::{
     Example, LoraTrainer, PromptTemplate, TrainConfig, encode_example, prompt_tokens, train_lora,
@@ -93,7 +96,16 @@ fn config(steps: usize, seed: u64) -> TrainConfig {
 
 #[test]
 fn a_toy_adapter_learns_capitals_and_serves_with_the_trained_logits() {
-    let model = load(&smollm2());
+    // Stored: a 40-token prompt takes candle's dense prefill (f32 activations) on the served
+    // side, so both sides multiply the same weights and only the LoRA terms can differ.
+    let model = Model::load(
+        &smollm2(),
+        &LoadOptions {
+            layout: QuantLayout::Stored,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let encode = |ex: &[Example]| -> Vec<_> {
         ex.iter()
             .map(|e| {

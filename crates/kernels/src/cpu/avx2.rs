@@ -216,6 +216,24 @@ pub(crate) unsafe fn lowrank<T: crate::lowrank::Elem>(
     shape.apply_portable(a, b_t, x, scales, y)
 }
 
+// ---- attention ------------------------------------------------------------------------------
+/// # Safety
+/// The CPU must support AVX2 and FMA; the operands fit (checked by `Attention::causal_with`).
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn attention_query(
+    a: crate::attention::Attention,
+    isa: crate::Isa,
+    q: &[f32],
+    at: usize,
+    head: usize,
+    k: crate::attention::KvView<'_>,
+    v: crate::attention::KvView<'_>,
+    out: &mut [f32],
+) {
+    a.query_portable(isa, q, at, head, k, v, out)
+}
+
 // ---- qdot -----------------------------------------------------------------------------------
 
 /// `out[r] = dot(x[r], w)` for `rows <= MR` rows of `x` `[rows, k]`, `k % 32 == 0`.
