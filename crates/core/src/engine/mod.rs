@@ -13,6 +13,7 @@
 
 mod cache;
 mod loader;
+mod prefix;
 mod worker;
 
 use std::path::PathBuf;
@@ -82,6 +83,9 @@ pub struct EngineConfig {
     pub precision: Precision,
     /// Force a batched-LoRA strategy (benchmarks, tests); `None` picks the cheaper per step.
     pub strategy: Option<Strategy>,
+    /// Bytes of KV caches that finished requests leave for later requests with the same prefix
+    /// and adapter configuration (`prefix`); 0 turns the prefix cache off.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -94,6 +98,7 @@ impl Default for EngineConfig {
             adapter_budget: 1 << 30,
             precision: Precision::F32,
             strategy: None,
+            prefix_cache_bytes: 256 << 20,
         }
     }
 }
@@ -197,6 +202,12 @@ pub struct EngineStats {
     pub adapters_loaded: u64,
     pub adapters_evicted: u64,
     pub resident_adapter_bytes: usize,
+    /// Requests that started from a cached prefix, and the prompt tokens it spared.
+    pub prefix_hits: u64,
+    pub prefix_tokens_reused: u64,
+    /// Requests whose configuration is cached that found no prefix.
+    pub prefix_misses: u64,
+    pub prefix_cache_bytes: usize,
 }
 
 enum Command {

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use super::cache::{AdapterCache, MixKey, WeakMix};
 use super::loader::{LoadJob, Loaded};
+use super::prefix::{PrefixCache, PrefixKey};
 use super::{
     Command, EngineConfig, EngineError, Finished, JobEvent, Pending, RowMix, Shared, Sink,
 };
@@ -26,6 +27,10 @@ struct Row {
     prompt: Vec<u32>,
     /// Prompt tokens already in the cache.
     prefilled: usize,
+    /// Of those, the ones a cached prefix brought.
+    reused: usize,
+    /// Where its cache goes when it finishes (`None`: not cached).
+    prefix_key: Option<PrefixKey>,
     /// The token to feed next once the prompt is in.
     next: Option<u32>,
     cache: SeqCache,
@@ -60,6 +65,7 @@ pub(super) struct Worker {
     /// Requests ready for a row, oldest first.
     ready: VecDeque<(Box<Pending>, Option<RowMix>)>,
     rows: Vec<Row>,
+    prefix: PrefixCache,
 }
 
 impl Worker {
@@ -71,7 +77,6 @@ impl Worker {
     ) -> Self {
         Self {
             model,
-            cfg,
             shared,
             load_tx,
             adapters: AdapterCache::default(),
@@ -79,6 +84,8 @@ impl Worker {
             loading: HashMap::new(),
             ready: VecDeque::new(),
             rows: Vec::new(),
+            prefix: PrefixCache::new(cfg.prefix_cache_bytes),
+            cfg,
         }
     }
 
@@ -269,13 +276,35 @@ impl Worker {
             let Pending {
                 job, sink, cancel, ..
             } = *p;
+            let prefix_key = PrefixKey::of(&job.mix).filter(|_| self.cfg.prefix_cache_bytes > 0);
+            let hit = prefix_key
+                .as_ref()
+                .and_then(|k| self.prefix.take(k, &job.prompt));
+            {
+                let mut s = self.shared.stats.lock().expect("stats lock");
+                match &hit {
+                    Some(h) => {
+                        s.prefix_hits += 1;
+                        s.prefix_tokens_reused += h.len as u64;
+                    }
+                    None if prefix_key.is_some() => s.prefix_misses += 1,
+                    None => {}
+                }
+                s.prefix_cache_bytes = self.prefix.bytes();
+            }
+            let (cache, reused) = match hit {
+                Some(h) => (h.cache, h.len),
+                None => (self.model.decoder.new_cache(), 0),
+            };
             self.rows.push(Row {
                 sink,
                 cancel,
                 prompt: job.prompt,
-                prefilled: 0,
+                prefilled: reused,
+                reused,
+                prefix_key,
                 next: None,
-                cache: self.model.decoder.new_cache(),
+                cache,
                 decoding,
                 gates: match &mix {
                     Some(RowMix::Routed(r)) => Some(GateTrace::new(
@@ -446,11 +475,11 @@ impl Worker {
         Ok(())
     }
 
-    fn finish(&self, mut row: Row, reason: FinishReason) {
+    fn finish(&mut self, mut row: Row, reason: FinishReason) {
         let now = Instant::now();
         let first = row.first_token.unwrap_or(now);
         let timings = Timings::new(
-            row.prefilled,
+            row.prefilled - row.reused,
             (first - row.admitted).as_secs_f64(),
             row.decode_steps,
             (now - first).as_secs_f64(),
@@ -458,6 +487,21 @@ impl Worker {
         let generation = row
             .decoding
             .into_generation(row.prompt.len(), reason, timings);
+        // The cache holds the prompt and every generated token fed back so far (not the last
+        // sampled one); a cancelled row's cache is as good, but its user has moved on.
+        if let Some(key) = row.prefix_key.take()
+            && reason != FinishReason::Cancelled
+        {
+            let fed = row.cache.len() - row.prompt.len();
+            let mut tokens = std::mem::take(&mut row.prompt);
+            tokens.extend(generation.token_ids.iter().take(fed));
+            self.prefix.put(key, tokens, row.cache);
+            self.shared
+                .stats
+                .lock()
+                .expect("stats lock")
+                .prefix_cache_bytes = self.prefix.bytes();
+        }
         (row.sink)(JobEvent::Done(Finished {
             generation,
             gates: row.gates.take(),

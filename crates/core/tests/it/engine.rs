@@ -311,3 +311,72 @@ fn a_full_queue_is_busy_and_a_broken_adapter_fails_only_its_request() {
         .to_string();
     assert!(e.contains("gate 0 = -1"), "{e}");
 }
+
+#[test]
+fn a_chats_next_turns_reuse_its_prefix_only_under_the_same_adapters_and_answer_as_without() {
+    let f = fixture();
+    let cached = Engine::start(f.model.clone(), EngineConfig::default());
+    let uncached = Engine::start(
+        f.model.clone(),
+        EngineConfig {
+            prefix_cache_bytes: 0,
+            ..EngineConfig::default()
+        },
+    );
+    let questions = [
+        "Tell me about the sea.",
+        "And about rivers?",
+        "Which is larger?",
+        "Name one fish.",
+        "Thanks!",
+    ];
+    // Turns 1-4 under one mixture; turn 5 under other gates: it must not reuse turn 4's cache.
+    let mixes = [
+        (Plan::Mixture, vec![(0, 0.5), (1, 0.5)]),
+        (Plan::Mixture, vec![(0, 0.5), (1, 0.5)]),
+        (Plan::Mixture, vec![(0, 0.5), (1, 0.5)]),
+        (Plan::Mixture, vec![(0, 0.5), (1, 0.5)]),
+        (Plan::Mixture, vec![(0, 0.3), (1, 0.7)]),
+    ];
+    let mut history = Vec::new();
+    let mut reused_before = 0;
+    for (turn, (q, (plan, spec))) in questions.iter().zip(&mixes).enumerate() {
+        history.push(ChatMessage::new(Role::User, *q));
+        let j = Job {
+            prompt: f.model.chat_prompt(&history).unwrap(),
+            params: GenerateParams {
+                max_tokens: 12,
+                ..GenerateParams::default()
+            },
+            mix: MixRequest {
+                plan: *plan,
+                adapters: uses(&f, spec),
+            },
+        };
+        let (with, _) = wait(&submit(&cached, j.clone()).1).unwrap();
+        let (without, _) = wait(&submit(&uncached, j.clone()).1).unwrap();
+        assert_eq!(
+            with.token_ids, without.token_ids,
+            "turn {turn}: {:?} with the prefix cache, {:?} without",
+            with.text, without.text
+        );
+        let s = cached.stats();
+        let reused = s.prefix_tokens_reused - reused_before;
+        reused_before = s.prefix_tokens_reused;
+        match turn {
+            0 => assert_eq!(reused, 0),
+            // Everything up to the previous reply is cached; only the new message is fed.
+            1..=3 => assert!(
+                reused as usize + 24 >= j.prompt.len() && reused > 0,
+                "turn {turn}: {reused} of {} prompt tokens reused",
+                j.prompt.len()
+            ),
+            _ => assert_eq!(reused, 0, "other gates must not reuse the cache"),
+        }
+        assert_eq!(uncached.stats().prefix_tokens_reused, 0);
+        history.push(ChatMessage::new(Role::Assistant, with.text.clone()));
+    }
+    let s = cached.stats();
+    assert_eq!((s.prefix_hits, s.prefix_misses), (3, 2));
+    assert!(s.prefix_cache_bytes > 0);
+}
