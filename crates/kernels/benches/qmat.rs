@@ -1,6 +1,7 @@
 //! `cargo bench -p ramole-kernels --bench qmat`: the packed int8 kernel on the shapes of
 //! Qwen2.5-1.5B (Q4_K and Q6_K) and SmolLM2 (Q4_1), 1, 8 and 128 rows, every kernel set this
-//! CPU has side by side: µs per product, GB/s of weights streamed and GOP/s.
+//! CPU has side by side (avx512: VNNI, avx2: `vpmaddubsw`, portable at one row only): µs per
+//! product, GB/s of weights streamed and GOP/s. `RAYON_NUM_THREADS=1` for one core's numbers.
 
 use std::time::Instant;
 

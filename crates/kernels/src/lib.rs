@@ -12,7 +12,7 @@
 //! | [`attention`] | causal attention of new tokens against the KV cache, one query at a time | AVX2 |
 //! | [`lowrank`] | the LoRA decode loops `y += s B (A x)` and `dot` | AVX2 |
 //! | [`qdot`] | quantized (Q8_0) or f32 weight rows against few activation rows | AVX2 |
-//! | [`qmat`] | GGUF-typed weights repacked into panels × int8 activations (decode and prefill) | AVX-512 VNNI |
+//! | [`qmat`] | GGUF-typed weights repacked into panels × int8 activations (decode and prefill) | AVX-512 VNNI, AVX2 |
 //! | [`scan`] | f32 query against f16 rows (the adapter index's exact scan) | AVX2 |
 //!
 //! A new instruction set (aarch64 NEON, say) is a new `cpu/neon.rs`, an [`Isa`] variant and

@@ -17,7 +17,9 @@
 //!
 //! Decode (1-8 rows) and prefill (many rows) are one tiled kernel: a panel's group is unpacked
 //! into registers once and multiplied with up to [`MR`] rows; prefill walks the rows in tiles of
-//! [`MR`] over each panel while the panel stays in L1/L2.
+//! [`MR`] over each panel while the panel stays in L1/L2. The kernel sets: AVX-512 VNNI
+//! (`vpdpbusd`, one zmm per line), AVX2 (`vpmaddubsw` + `vpmaddwd`, a line as two ymm halves;
+//! the same integer sums and scale operations, so the same bits) and the portable reference.
 
 use crate::Isa;
 
@@ -259,9 +261,10 @@ impl QMatrix {
     }
 
     /// Whether `isa` has a SIMD kernel for this matrix (else [`QMatrix::matmul`] runs the
-    /// portable reference, much slower than candle's kernels).
+    /// portable reference, much slower than candle's kernels). The AVX2 set counts: about 60%
+    /// of the VNNI set's speed for 4-bit types (40% for Q8_0) and as memory-bound at one row.
     pub fn has_fast_kernel(isa: Isa) -> bool {
-        isa.has_avx512_vnni()
+        isa.has_avx2()
     }
 
     /// `y = x Wᵀ` for the `m` rows of `acts` (`[m, k]`, quantized): `y` `[m, n]` row-major,
@@ -343,6 +346,24 @@ impl QMatrix {
             // of this scheme and `acts` holds rows r0 .. r0 + rows of `k` values.
             unsafe {
                 crate::cpu::avx512::qmat_tile(
+                    sc.bits,
+                    sc.halves,
+                    sc.zero,
+                    sc.group_bytes(),
+                    panel,
+                    acts,
+                    r0,
+                    rows,
+                    tile,
+                )
+            };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if isa.has_avx2() {
+            // SAFETY: AVX2, FMA and F16C were detected; the panel and rows as above.
+            unsafe {
+                crate::cpu::avx2::qmat_tile(
                     sc.bits,
                     sc.halves,
                     sc.zero,
@@ -775,6 +796,62 @@ mod tests {
         }
     }
 
+    /// Runs `qm` on every kernel set this CPU has against `x` `[m, k]`: each within the
+    /// activation rounding bound of the f64 product, and all of them far inside it of each
+    /// other; the SIMD sets, which apply the scales alike, to the bit.
+    fn check_every_set(qm: &QMatrix, x: &[f32], m: usize) {
+        let (n, k, qtype) = (qm.rows(), qm.cols(), qm.qtype());
+        let w = qm.dequantize();
+        let acts = QActs::quantize(x, m, k);
+        let mut outs = Vec::new();
+        for isa in Isa::available() {
+            let mut y = vec![f32::NAN; m * n];
+            qm.matmul(isa, &acts, &mut y);
+            for r in 0..m {
+                for c in 0..n {
+                    let wr = &w[c * k..][..k];
+                    let exact: f64 = (0..k)
+                        .map(|i| f64::from(wr[i]) * f64::from(x[r * k + i]))
+                        .sum();
+                    let abs: Vec<f32> = wr
+                        .chunks_exact(GROUP)
+                        .map(|g| g.iter().map(|v| v.abs()).sum())
+                        .collect();
+                    // The rounding bound, plus f32 summation of k terms.
+                    let bound = acts.error_bound(r, &abs) * 1.001 + 1e-4;
+                    let got = y[r * n + c];
+                    assert!(
+                        (f64::from(got) - exact).abs() <= f64::from(bound),
+                        "{qtype:?} {isa} [{m}x{k}]·[{n}] at ({r},{c}): {got} vs {exact}, bound \
+                         {bound}"
+                    );
+                }
+            }
+            outs.push((isa, y));
+        }
+        // The sets compute the same integer sums: they agree far inside the bound.
+        let (_, reference) = outs.last().unwrap();
+        for (isa, y) in &outs {
+            for (a, b) in y.iter().zip(reference) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{qtype:?} {isa}: {a} vs {b}"
+                );
+            }
+        }
+        let simd: Vec<_> = outs.iter().filter(|(i, _)| *i != Isa::Portable).collect();
+        for pair in simd.windows(2) {
+            let ((i0, y0), (i1, y1)) = (pair[0], pair[1]);
+            for (a, b) in y0.iter().zip(y1) {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{qtype:?} {i0} vs {i1}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn every_kernel_set_stays_within_the_activation_rounding_bound() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
@@ -782,44 +859,39 @@ mod tests {
             for (n, k, m) in [(16, 256, 1), (37, 512, 3), (5, 768, 8), (33, 256, 19)] {
                 let bytes = random_blocks(qtype, n * k / qtype.block_values(), &mut rng);
                 let qm = QMatrix::pack(qtype, &bytes, n, k).unwrap();
-                let w = qm.dequantize();
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
-                let acts = QActs::quantize(&x, m, k);
-                let mut outs = Vec::new();
-                for isa in Isa::available() {
-                    let mut y = vec![f32::NAN; m * n];
-                    qm.matmul(isa, &acts, &mut y);
-                    for r in 0..m {
-                        for c in 0..n {
-                            let wr = &w[c * k..][..k];
-                            let exact: f64 = (0..k)
-                                .map(|i| f64::from(wr[i]) * f64::from(x[r * k + i]))
-                                .sum();
-                            let abs: Vec<f32> = wr
-                                .chunks_exact(GROUP)
-                                .map(|g| g.iter().map(|v| v.abs()).sum())
-                                .collect();
-                            // The rounding bound, plus f32 summation of k terms.
-                            let bound = acts.error_bound(r, &abs) * 1.001 + 1e-4;
-                            let got = y[r * n + c];
-                            assert!(
-                                (f64::from(got) - exact).abs() <= f64::from(bound),
-                                "{qtype:?} {isa} [{m}x{k}]·[{n}] at ({r},{c}): {got} vs \
-                                 {exact}, bound {bound}"
-                            );
+                check_every_set(&qm, &x, m);
+            }
+        }
+    }
+
+    /// The largest integer sums: every quant at its top (or bottom) value, every activation
+    /// at ±127. The AVX2 set sums pairs in saturating i16 and must not clip.
+    #[test]
+    fn extreme_quants_and_activations_do_not_saturate() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (n, k, m) = (16, 512, 9);
+        for qtype in ALL {
+            for fill in [0x00, 0xFF, 0x7F, 0x80] {
+                let mut bytes = random_blocks(qtype, n * k / qtype.block_values(), &mut rng);
+                let scales: &[usize] = match qtype {
+                    QType::Q4_0 | QType::Q5_0 | QType::Q8_0 => &[0, 1],
+                    QType::Q4_1 | QType::Q5_1 | QType::Q4K | QType::Q5K => &[0, 1, 2, 3],
+                    QType::Q2K => &[80, 81, 82, 83],
+                    QType::Q3K => &[108, 109],
+                    QType::Q6K => &[208, 209],
+                };
+                for blk in bytes.chunks_exact_mut(qtype.block_bytes()) {
+                    for (i, v) in blk.iter_mut().enumerate() {
+                        if !scales.contains(&i) {
+                            *v = fill;
                         }
                     }
-                    outs.push((isa, y));
                 }
-                // The sets compute the same integer sums: they agree far inside the bound.
-                let (_, reference) = outs.last().unwrap();
-                for (isa, y) in &outs {
-                    for (a, b) in y.iter().zip(reference) {
-                        assert!(
-                            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                            "{qtype:?} {isa}: {a} vs {b}"
-                        );
-                    }
+                let qm = QMatrix::pack(qtype, &bytes, n, k).unwrap();
+                for sign in [1.0f32, -1.0] {
+                    let x = vec![sign; m * k];
+                    check_every_set(&qm, &x, m);
                 }
             }
         }

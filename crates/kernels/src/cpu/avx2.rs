@@ -1,4 +1,5 @@
-//! The AVX2 set (with FMA and F16C, which every AVX2 CPU has): 8-lane bodies of every routine.
+//! The AVX2 set (with FMA and F16C, which every AVX2 CPU has): 8-lane bodies of every routine,
+//! among them the `vpmaddubsw` tiles of the packed quantized matrices ([`crate::qmat`]).
 //! Each function here is the fast path of a routine whose portable reference and dispatch live
 //! in the routine's own module; callers reach these only through that dispatch, after
 //! [`crate::Isa::detect`] found the features.
@@ -395,6 +396,239 @@ pub(crate) unsafe fn scan_f16(q: &[f32], rows: &[u16], out: &mut [f32]) {
                 .map(|(&h, &x)| half::f16::from_bits(h).to_f32() * x)
                 .sum();
             *o = _mm_cvtss_f32(s) + tail;
+        }
+    }
+}
+
+// ---- qmat -----------------------------------------------------------------------------------
+
+/// One panel of a [`crate::qmat::QMatrix`] against activation rows `r0 .. r0 + rows` into
+/// `tile[r]`: the AVX2 twin of `avx512::qmat_tile`, on the same packed bytes. A ymm holds half
+/// a panel's line (8 columns × 4 `k`), so each group is taken one column half at a time, and
+/// `vpdpbusd` becomes `vpmaddubsw` (u8 × i8 into i16 pairs) then `vpmaddwd` (into i32). The
+/// integer sums are those of `vpdpbusd` and the scales are applied by the same operations in
+/// the same order, so both sets give the same bits.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `panel` holds `acts.k / 32` groups of `gb` bytes
+/// laid out for (`bits`, `halves`, `zero`); `rows <= MR` and `r0 + rows <= acts.m`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn qmat_tile(
+    bits: u8,
+    halves: bool,
+    zero: Option<u8>,
+    gb: usize,
+    panel: &[u8],
+    acts: &crate::qmat::QActs,
+    r0: usize,
+    rows: usize,
+    tile: &mut [[f32; crate::qmat::PANEL]; crate::qmat::MR],
+) {
+    debug_assert!(panel.len() == acts.k / 32 * gb && r0 + rows <= acts.m);
+    let args = (zero, gb, panel.as_ptr(), acts, r0);
+    macro_rules! by_rows {
+        ($b:literal, $h:literal) => {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                match rows {
+                    1 => qmat_rows::<$b, $h, 1>(args, tile),
+                    2 => qmat_rows::<$b, $h, 2>(args, tile),
+                    3 => qmat_rows::<$b, $h, 3>(args, tile),
+                    4 => qmat_rows::<$b, $h, 4>(args, tile),
+                    5 => qmat_rows::<$b, $h, 5>(args, tile),
+                    6 => qmat_rows::<$b, $h, 6>(args, tile),
+                    7 => qmat_rows::<$b, $h, 7>(args, tile),
+                    _ => qmat_rows::<$b, $h, 8>(args, tile),
+                }
+            }
+        };
+    }
+    match (bits, halves) {
+        (4, false) => by_rows!(4, false),
+        (4, true) => by_rows!(4, true),
+        (5, false) => by_rows!(5, false),
+        (6, true) => by_rows!(6, true),
+        (8, false) => by_rows!(8, false),
+        other => unreachable!("no packed scheme {other:?}"),
+    }
+}
+
+type QmatArgs<'a> = (Option<u8>, usize, *const u8, &'a crate::qmat::QActs, usize);
+
+/// `R` rows of one panel. With 16 ymm registers the AVX-512 kernel's shape (all of a group's
+/// quants held while every row passes) would spill, so the loops run the other way: each pair
+/// of quant registers (both column halves, the same 4 `k`) meets a block of rows, whose i16
+/// sums stay in registers until they are widened, and each row's activations are broadcast
+/// once for both halves.
+///
+/// `vpmaddubsw` saturates its i16 pair sums; summing several of them in i16 before the
+/// widening `vpmaddwd` saves an instruction per register, so they are widened every `run`
+/// registers: the most whose worst case, `run · 2 · umax · 127`, stays within `i16::MAX`
+/// (8 for 4 bits, 4 for 5, 2 for 6). 8-bit quants go as two nibbles (8 registers each), the
+/// high one weighed by 16 in `vpmaddwd`: `2 · 255 · 127` would not fit even once.
+///
+/// # Safety
+/// As [`qmat_tile`]'s, with `R` rows of the scheme `BITS`/`HALVES` names.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn qmat_rows<const BITS: u8, const HALVES: bool, const R: usize>(
+    (zero, gb, panel, acts, r0): QmatArgs<'_>,
+    tile: &mut [[f32; crate::qmat::PANEL]; crate::qmat::MR],
+) {
+    let k = acts.k;
+    let (kd, ks) = (k / 32, k / 16);
+    let quant_bytes = match BITS {
+        4 => 256,
+        5 => 320,
+        6 => 384,
+        _ => 512,
+    };
+    let scale_bytes = if HALVES { 64 } else { 32 };
+    let run = match BITS {
+        5 => 4,
+        6 => 2,
+        _ => 8,
+    };
+    // Rows per block: their i16 sums for both halves (and for 5 and 6 bits the i32 sums
+    // carried across runs, for 8 bits the high nibbles' sums) in 8 registers, beside the
+    // quants and the broadcast activations.
+    let block = if BITS == 4 { 4 } else { 2 };
+    // Scale groups per 32 `k` and quant registers per scale group.
+    let parts = if HALVES { 2 } else { 1 };
+    let per_part = 8 / parts;
+    let lo = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let sixteens = _mm256_set1_epi16(16);
+    // A bit plane's 32 bits of one column half and chunk become a byte each: `spread` copies
+    // mask byte i / 8 to byte i, `probe` keeps bit i % 8 of it.
+    let spread = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
+    );
+    let probe = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+    let neg_zero = zero.map(|z| _mm256_set1_ps(-f32::from(z)));
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    // SAFETY (whole body): every pointer below stays inside `panel` (k / 32 groups of `gb`
+    // bytes) or inside rows r0 .. r0 + R of `acts` (the caller's contract).
+    unsafe {
+        let xq = acts.q.as_ptr().add(r0 * k);
+        let dx = acts.d.as_ptr().add(r0 * kd);
+        let sums = acts.sums.as_ptr().add(r0 * ks);
+        for g in 0..kd {
+            let gp = panel.add(g * gb);
+            let sp = gp.add(quant_bytes);
+            // Row `r`'s activations `4j .. 4j + 4` of this group in every dword.
+            let bx = |r: usize, j: usize| {
+                let x = xq.add(r * k + g * 32 + 4 * j);
+                _mm256_set1_epi32(std::ptr::read_unaligned(x.cast()))
+            };
+            // Quant register `j` (`k = 4j .. 4j + 4`) of column half `h`, whose columns are
+            // 32 bytes (half `h`) of each 64-byte line and 32 bits of each bit plane's u64.
+            // For 8 bits the pair is (low nibbles, high nibbles).
+            let unpack = |h: usize, j: usize| -> (__m256i, __m256i) {
+                if BITS == 8 {
+                    let v = _mm256_loadu_si256(gp.add(64 * j + 32 * h).cast());
+                    return (
+                        _mm256_and_si256(v, lo),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(v), lo),
+                    );
+                }
+                let v = _mm256_loadu_si256(gp.add(64 * (j % 4) + 32 * h).cast());
+                let v = if j < 4 { v } else { _mm256_srli_epi16::<4>(v) };
+                let mut w = _mm256_and_si256(v, lo);
+                for b in 0..usize::from(BITS - 4) {
+                    let m = std::ptr::read_unaligned(gp.add(256 + 64 * b + 8 * j + 4 * h).cast());
+                    let bits = _mm256_shuffle_epi8(_mm256_set1_epi32(m), spread);
+                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(bits, probe), probe);
+                    w = _mm256_or_si256(w, _mm256_and_si256(set, _mm256_set1_epi8(16 << b)));
+                }
+                (w, w)
+            };
+            // The bit planes cost more to unpack than to keep (spilled) for the next row
+            // block; nibbles and bytes are cheaper to unpack again.
+            let mut kept = [[(_mm256_setzero_si256(), _mm256_setzero_si256()); 8]; 2];
+            if (BITS == 5 || BITS == 6) && R > block {
+                for (h, kh) in kept.iter_mut().enumerate() {
+                    for (j, q) in kh.iter_mut().enumerate() {
+                        *q = unpack(h, j);
+                    }
+                }
+            }
+            let quants = |h: usize, j: usize| {
+                if (BITS == 5 || BITS == 6) && R > block {
+                    kept[h][j]
+                } else {
+                    unpack(h, j)
+                }
+            };
+            let cvt = |p: *const u8| _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
+            // Scales and offsets of column half `h`, scale group `p`.
+            let scale = |h: usize, p: usize| {
+                let s = cvt(sp.add(32 * p + 16 * h));
+                let o = match neg_zero {
+                    Some(z) => _mm256_mul_ps(s, z),
+                    None => cvt(sp.add(scale_bytes + 32 * p + 16 * h)),
+                };
+                (s, o)
+            };
+            for rb in (0..R).step_by(block) {
+                let nb = block.min(R - rb);
+                for p in 0..parts {
+                    let mut isum = [[_mm256_setzero_si256(); 2]; 4];
+                    let js = p * per_part..(p + 1) * per_part;
+                    for j0 in js.clone().step_by(run) {
+                        let mut lo16 = [[_mm256_setzero_si256(); 2]; 4];
+                        let mut hi16 = [[_mm256_setzero_si256(); 2]; 4];
+                        for j in j0..(j0 + run).min(js.end) {
+                            let w = [quants(0, j), quants(1, j)];
+                            for b in 0..nb {
+                                let xj = bx(rb + b, j);
+                                for h in 0..2 {
+                                    let m = _mm256_maddubs_epi16(w[h].0, xj);
+                                    lo16[b][h] = _mm256_add_epi16(lo16[b][h], m);
+                                    if BITS == 8 {
+                                        let m = _mm256_maddubs_epi16(w[h].1, xj);
+                                        hi16[b][h] = _mm256_add_epi16(hi16[b][h], m);
+                                    }
+                                }
+                            }
+                        }
+                        for b in 0..nb {
+                            for h in 0..2 {
+                                let mut v = _mm256_madd_epi16(lo16[b][h], ones);
+                                if BITS == 8 {
+                                    let v1 = _mm256_madd_epi16(hi16[b][h], sixteens);
+                                    v = _mm256_add_epi32(v, v1);
+                                }
+                                isum[b][h] = _mm256_add_epi32(isum[b][h], v);
+                            }
+                        }
+                    }
+                    for b in 0..nb {
+                        let d = _mm256_set1_ps(*dx.add((rb + b) * kd + g));
+                        for h in 0..2 {
+                            let s = _mm256_mul_ps(scale(h, p).0, d);
+                            let a = &mut acc[rb + b][h];
+                            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[b][h]), s, *a);
+                        }
+                    }
+                }
+                for (r, ar) in acc.iter_mut().enumerate().skip(rb).take(nb) {
+                    let sm = sums.add(r * ks + 2 * g);
+                    for (h, a) in ar.iter_mut().enumerate() {
+                        if HALVES {
+                            *a = _mm256_fmadd_ps(scale(h, 0).1, _mm256_set1_ps(*sm), *a);
+                            *a = _mm256_fmadd_ps(scale(h, 1).1, _mm256_set1_ps(*sm.add(1)), *a);
+                        } else {
+                            let sm = _mm256_set1_ps(*sm + *sm.add(1));
+                            *a = _mm256_fmadd_ps(scale(h, 0).1, sm, *a);
+                        }
+                    }
+                }
+            }
+        }
+        for (t, a) in tile.iter_mut().zip(acc) {
+            _mm256_storeu_ps(t.as_mut_ptr(), a[0]);
+            _mm256_storeu_ps(t.as_mut_ptr().add(8), a[1]);
         }
     }
 }
