@@ -164,8 +164,12 @@ mod tests {
     /// A cache holding `n` positions (one layer is enough to count them).
     fn cache_of(n: usize) -> SeqCache {
         let mut c = SeqCache::new(1);
-        let kv = candle_core::Tensor::zeros((1, n, 4), candle_core::DType::F32, &candle_core::Device::Cpu)
-            .unwrap();
+        let kv = candle_core::Tensor::zeros(
+            (1, n, 4),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
         c.append(0, &kv, &kv).unwrap();
         c
     }
@@ -176,8 +180,14 @@ mod tests {
         let k = key(Plan::Mixture, &[0.5, 0.5]);
         p.put(k.clone(), vec![1, 2, 3, 4, 5], cache_of(5));
         // Other gates, another plan, the router: no reuse.
-        assert!(p.take(&key(Plan::Mixture, &[0.4, 0.6]), &[1, 2, 3, 4, 5, 6]).is_none());
-        assert!(p.take(&key(Plan::Fusion, &[0.5, 0.5]), &[1, 2, 3, 4, 5, 6]).is_none());
+        assert!(
+            p.take(&key(Plan::Mixture, &[0.4, 0.6]), &[1, 2, 3, 4, 5, 6])
+                .is_none()
+        );
+        assert!(
+            p.take(&key(Plan::Fusion, &[0.5, 0.5]), &[1, 2, 3, 4, 5, 6])
+                .is_none()
+        );
         assert!(
             PrefixKey::of(&MixRequest {
                 plan: Plan::Router,
