@@ -270,34 +270,57 @@ impl QMatrix {
     /// `y = x Wᵀ` for the `m` rows of `acts` (`[m, k]`, quantized): `y` `[m, n]` row-major,
     /// overwritten. The panels are split over the rayon pool.
     pub fn matmul(&self, isa: Isa, acts: &QActs, y: &mut [f32]) {
-        let (m, n) = (acts.m, self.n);
-        assert!(
-            acts.k == self.k && y.len() == m * n,
-            "qmat: {m} x {} activations into {} outputs for {self:?}",
-            acts.k,
-            y.len()
-        );
-        if m == 0 || n == 0 {
+        Self::matmul_many(isa, &mut [(self, y)], acts)
+    }
+
+    /// [`QMatrix::matmul`] of several weights sharing `k` against the same activations (q, k
+    /// and v; gate and up), in one split over the threads: one hand-off instead of one per
+    /// weight. `parts[i].1` receives `[m, parts[i].0.rows()]`.
+    pub fn matmul_many(isa: Isa, parts: &mut [(&QMatrix, &mut [f32])], acts: &QActs) {
+        let m = acts.m;
+        for (w, y) in parts.iter() {
+            assert!(
+                acts.k == w.k && y.len() == m * w.n,
+                "qmat: {m} x {} activations into {} outputs for {w:?}",
+                acts.k,
+                y.len()
+            );
+        }
+        let counts: Vec<usize> = parts.iter().map(|(w, _)| w.n.div_ceil(PANEL)).collect();
+        let panels: usize = counts.iter().sum();
+        if m == 0 || panels == 0 {
             return;
         }
-        let panels = n.div_ceil(PANEL);
         // Tasks of at least ~64K multiply-adds, at most 8 per thread (load balance when the
         // other core is busy); one thread runs inline.
         let threads = rayon::current_num_threads().max(1);
         let tasks = if threads == 1 {
             1
         } else {
-            (m * n * self.k / (64 * 1024))
+            (m * panels * PANEL * acts.k / (64 * 1024))
                 .clamp(1, threads * 8)
                 .min(panels)
         };
         let per = panels.div_ceil(tasks);
-        let out = OutPtr(y.as_mut_ptr());
+        let outs: Vec<(&QMatrix, OutPtr)> = parts
+            .iter_mut()
+            .map(|(w, y)| (*w, OutPtr(y.as_mut_ptr())))
+            .collect();
         let run = |t: usize| {
-            let ps = t * per..((t + 1) * per).min(panels);
-            // SAFETY: task `t` writes only the columns of panels `ps`, disjoint from every
-            // other task's, inside `y` (`m * n` values, asserted above).
-            unsafe { self.panels(isa, acts, ps, out) };
+            // Global panel range of this task, cut at the weights' boundaries.
+            let (mut lo, hi) = (t * per, ((t + 1) * per).min(panels));
+            let mut base = 0;
+            for ((w, out), &c) in outs.iter().zip(&counts) {
+                if lo < hi && lo < base + c {
+                    let end = hi.min(base + c);
+                    // SAFETY: task `t` writes only the columns of its panels of each weight,
+                    // disjoint from every other task's, inside that weight's output (`m * n`
+                    // values, asserted above).
+                    unsafe { w.panels(isa, acts, lo - base..end - base, *out) };
+                    lo = end;
+                }
+                base += c;
+            }
         };
         if tasks == 1 {
             run(0);
@@ -892,6 +915,49 @@ mod tests {
                 for sign in [1.0f32, -1.0] {
                     let x = vec![sign; m * k];
                     check_every_set(&qm, &x, m);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn several_weights_in_one_pass_equal_each_alone() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let k = 512;
+        let ws: Vec<QMatrix> = [(QType::Q4K, 80), (QType::Q6K, 16), (QType::Q8_0, 40)]
+            .iter()
+            .map(|&(qt, n)| {
+                let bytes = random_blocks(qt, n * k / qt.block_values(), &mut rng);
+                QMatrix::pack(qt, &bytes, n, k).unwrap()
+            })
+            .collect();
+        for m in [1, 3, 19] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+                .collect();
+            let acts = QActs::quantize(&x, m, k);
+            for isa in Isa::available() {
+                let alone: Vec<Vec<f32>> = ws
+                    .iter()
+                    .map(|w| {
+                        let mut y = vec![0f32; m * w.rows()];
+                        w.matmul(isa, &acts, &mut y);
+                        y
+                    })
+                    .collect();
+                let mut ys: Vec<Vec<f32>> =
+                    ws.iter().map(|w| vec![f32::NAN; m * w.rows()]).collect();
+                let mut parts: Vec<(&QMatrix, &mut [f32])> = ws
+                    .iter()
+                    .zip(ys.iter_mut())
+                    .map(|(w, y)| (w, y.as_mut_slice()))
+                    .collect();
+                QMatrix::matmul_many(isa, &mut parts, &acts);
+                for (a, b) in alone.iter().zip(&ys) {
+                    assert!(
+                        a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{isa:?} m={m}"
+                    );
                 }
             }
         }
