@@ -568,9 +568,8 @@ impl Decoder {
             .collect::<candle_core::Result<Vec<_>>>()?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.attn_norm)?;
-            let q = layer.q.forward(&h, &spans, delta)?;
-            let k = layer.k.forward(&h, &spans, delta)?;
-            let v = layer.v.forward(&h, &spans, delta)?;
+            let [q, k, v] =
+                Linear::forward_many([&layer.q, &layer.k, &layer.v], &h, &spans, delta)?;
             // Rows attend independently (each to its own cache): spread them over the threads,
             // as a batch of short rows is otherwise a long serial chain of small ops.
             let one_row = |ri: usize, cache: &mut SeqCache| {
@@ -603,8 +602,7 @@ impl Decoder {
             };
             x = (x + layer.o.forward(&attn, &spans, delta)?)?;
             let h = self.rms_norm(&x, &layer.mlp_norm)?;
-            let g = layer.gate.forward(&h, &spans, delta)?;
-            let u = layer.up.forward(&h, &spans, delta)?;
+            let [g, u] = Linear::forward_many([&layer.gate, &layer.up], &h, &spans, delta)?;
             let m = (candle_nn::ops::silu(&g)? * u)?;
             x = (x + layer.down.forward(&m, &spans, delta)?)?;
         }

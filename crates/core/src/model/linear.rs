@@ -265,6 +265,59 @@ impl Linear {
         Ok(y)
     }
 
+    /// [`Linear::forward`] of several linears reading the same `x` (q, k and v; gate and up):
+    /// where all hold packed weights, `x` is quantized once and the products share one split over
+    /// the threads (each the same numbers as alone). `x`: `[n, in_features]`.
+    pub fn forward_many<const N: usize>(
+        linears: [&Linear; N],
+        x: &Tensor,
+        rows: &[RowSpan],
+        delta: &dyn SiteDelta,
+    ) -> candle_core::Result<[Tensor; N]> {
+        let packed: Option<Vec<&QMatrix>> = linears
+            .iter()
+            .map(|l| match &l.weight {
+                LinearWeight::Packed(m) => Some(&**m),
+                _ => None,
+            })
+            .collect();
+        let (Some(packed), false) = (packed, x.track_op()) else {
+            return try_array(linears.map(|l| l.forward(x, rows, delta)));
+        };
+        let x = x.contiguous()?;
+        let m = x.dim(0)?;
+        let mut ys: Vec<Vec<f32>> = packed.iter().map(|w| vec![0f32; m * w.rows()]).collect();
+        {
+            let (storage, layout) = x.storage_and_layout();
+            let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
+                (&*storage, layout.contiguous_offsets())
+            else {
+                candle_core::bail!("packed weights multiply contiguous f32 activations on the CPU")
+            };
+            let acts = QActs::quantize(&v[a..b], m, packed[0].cols());
+            let mut parts: Vec<(&QMatrix, &mut [f32])> = packed
+                .iter()
+                .zip(ys.iter_mut())
+                .map(|(w, y)| (*w, y.as_mut_slice()))
+                .collect();
+            QMatrix::matmul_many(Isa::detect(), &mut parts, &acts);
+        }
+        let mut ys = ys.into_iter();
+        try_array(linears.map(|l| {
+            let y = ys.next().expect("one output per linear");
+            let mut y = Tensor::from_vec(y, (m, l.out_features), x.device())?;
+            if let Some(b) = &l.bias {
+                y = y.broadcast_add(b)?;
+            }
+            if let Some(site) = l.site
+                && let Some(d) = delta.delta(site, &x, rows)?
+            {
+                y = (y + d)?;
+            }
+            Ok(y)
+        }))
+    }
+
     /// `W x + b` without any delta. `x`: `[n, in_features]`.
     pub fn forward_base(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.forward_with(x, self.path(x.dim(0)?))
@@ -563,4 +616,17 @@ mod tests {
         };
         assert!(close(&grad(&ours), &grad(&reference)) < 1e-5);
     }
+}
+
+/// The first error of `N` results, or their values.
+fn try_array<T, const N: usize>(
+    results: [candle_core::Result<T>; N],
+) -> candle_core::Result<[T; N]> {
+    let mut out = Vec::with_capacity(N);
+    for r in results {
+        out.push(r?);
+    }
+    Ok(out
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("N results give N values")))
 }
