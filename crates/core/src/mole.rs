@@ -273,6 +273,9 @@ pub struct MixDelta {
     strategy: Strategy,
 }
 
+/// Multiply-adds of LoRA terms below which a step computes them on the calling thread.
+const PAR_MIN_WORK: usize = 1 << 20;
+
 /// Identity of a shared value, for grouping.
 fn key<T>(a: &Arc<T>) -> usize {
     Arc::as_ptr(a) as *const () as usize
@@ -449,33 +452,47 @@ impl MixDelta {
                 Factors::Compiled(_) => None,
             })
             .collect();
-        let terms: Vec<Vec<f32>> = items
-            .par_iter()
-            .zip(factor_views.par_iter())
-            .map(|((factors, rows), view)| {
-                let mut xg = Vec::new();
-                let mut scales = Vec::new();
-                for &(i, s) in rows {
-                    let sp = spans[i];
-                    xg.extend_from_slice(&xs[sp.start * inp..(sp.start + sp.len) * inp]);
-                    scales.extend(std::iter::repeat_n(s, sp.len));
+        let term = |it: usize| {
+            let ((factors, rows), view) = (&items[it], &factor_views[it]);
+            let mut xg = Vec::new();
+            let mut scales = Vec::new();
+            for &(i, s) in rows {
+                let sp = spans[i];
+                xg.extend_from_slice(&xs[sp.start * inp..(sp.start + sp.len) * inp]);
+                scales.extend(std::iter::repeat_n(s, sp.len));
+            }
+            let mut y = vec![0f32; scales.len() * out];
+            match factors {
+                Factors::Compiled(p) => p.apply(&xg, &scales, &mut y),
+                Factors::Adapter(f) => {
+                    let (a, b_t) = view.as_ref().expect("adapter factors are on the CPU");
+                    let shape = LowRank {
+                        rank: f.rank(),
+                        inp,
+                        out,
+                    };
+                    shape.apply(a.slice(), b_t.slice(), &xg, Some(&scales), &mut y);
                 }
-                let mut y = vec![0f32; scales.len() * out];
-                match factors {
-                    Factors::Compiled(p) => p.apply(&xg, &scales, &mut y),
-                    Factors::Adapter(f) => {
-                        let (a, b_t) = view.as_ref().expect("adapter factors are on the CPU");
-                        let shape = LowRank {
-                            rank: f.rank(),
-                            inp,
-                            out,
-                        };
-                        shape.apply(a.slice(), b_t.slice(), &xg, Some(&scales), &mut y);
-                    }
-                }
-                y
+            }
+            y
+        };
+        // A decode step's terms are a few microseconds each: handing them to the pool costs
+        // more than computing them here.
+        let work: usize = items
+            .iter()
+            .map(|(f, rows)| {
+                let rank = match f {
+                    Factors::Compiled(p) => p.rank,
+                    Factors::Adapter(f) => f.rank(),
+                };
+                rows.iter().map(|&(i, _)| spans[i].len).sum::<usize>() * rank * (inp + out)
             })
-            .collect();
+            .sum();
+        let terms: Vec<Vec<f32>> = if work < PAR_MIN_WORK {
+            (0..items.len()).map(term).collect()
+        } else {
+            (0..items.len()).into_par_iter().map(term).collect()
+        };
         // Where each row's tokens sit in each item's output.
         let mut at: Vec<Vec<usize>> = Vec::with_capacity(items.len());
         for (_, rows) in &items {

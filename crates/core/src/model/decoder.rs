@@ -477,6 +477,13 @@ impl Decoder {
         at: LogitsAt,
         delta: &dyn SiteDelta,
     ) -> Result<Tensor> {
+        // The whole pass runs on a thread of the pool: each of its ~200 parallel products then
+        // hands work to the other threads through the pool's deques, instead of this thread
+        // injecting a job and sleeping until a pool thread has run it (two context switches
+        // per product, which cost more than a small model's decode step computes).
+        if rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.forward(rows, caches, at, delta));
+        }
         let (x, spans) = self.forward_hidden(rows, caches, delta)?;
         let (x, head_rows) = match at {
             LogitsAt::All => (x, spans),

@@ -509,6 +509,19 @@ impl candle_core::CustomOp1 for FrozenProduct {
     }
 }
 
+/// The first error of `N` results, or their values.
+fn try_array<T, const N: usize>(
+    results: [candle_core::Result<T>; N],
+) -> candle_core::Result<[T; N]> {
+    let mut out = Vec::with_capacity(N);
+    for r in results {
+        out.push(r?);
+    }
+    Ok(out
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("N results give N values")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -616,17 +629,4 @@ mod tests {
         };
         assert!(close(&grad(&ours), &grad(&reference)) < 1e-5);
     }
-}
-
-/// The first error of `N` results, or their values.
-fn try_array<T, const N: usize>(
-    results: [candle_core::Result<T>; N],
-) -> candle_core::Result<[T; N]> {
-    let mut out = Vec::with_capacity(N);
-    for r in results {
-        out.push(r?);
-    }
-    Ok(out
-        .try_into()
-        .unwrap_or_else(|_| unreachable!("N results give N values")))
 }
