@@ -3,15 +3,15 @@
 //! its position and the cached keys and values — not on how many tokens were fed with it. A
 //! prompt prefilled in one step, in chunks beside other rows, or token by token gives the same
 //! bits (a last-bit difference would flip the int8 rounding of the next layer's activations and,
-//! eventually, a greedy token). The AVX2 set compiles the same loops with AVX2 and FMA enabled
-//! (Rust never contracts `a * b + c` into an FMA, so both sets give the same numbers) and takes
-//! the 8-lane `exp` of [`crate::activation`].
+//! eventually, a greedy token). The AVX2 set compiles the same loops with AVX2 and FMA enabled,
+//! with fused multiply-adds, and takes the 8-lane `exp` of [`crate::activation`]; the portable
+//! set multiplies and adds separately (a software `fmaf` would crawl), so the two differ in the
+//! last bits, each always the same on one machine.
 
 use rayon::prelude::*;
 
 use crate::Isa;
 use crate::activation::softmax_scaled;
-use crate::lowrank::dot;
 
 /// Where the keys or values of one layer sit: `data[start + h * head_stride + p * head_dim ..]`
 /// holds position `p` of kv head `h` (the cache's `[kv_heads, capacity, head_dim]` buffer).
@@ -113,13 +113,14 @@ impl Attention {
             unsafe { crate::cpu::avx2::attention_query(self, isa, q, at, head, k, v, out) };
             return;
         }
-        self.query_portable(isa, q, at, head, k, v, out)
+        self.query_portable::<false>(isa, q, at, head, k, v, out)
     }
 
-    /// One query at position `at` of head `head` into `out` `[head_dim]`.
+    /// One query at position `at` of head `head` into `out` `[head_dim]`. `FMA`: fused
+    /// multiply-adds (the AVX2 set; a software `fmaf` would be slow on the portable one).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn query_portable(
+    pub(crate) fn query_portable<const FMA: bool>(
         self,
         isa: Isa,
         q: &[f32],
@@ -132,15 +133,48 @@ impl Attention {
         let hd = self.head_dim;
         let kvh = head / (self.heads / self.kv_heads);
         let first = self.window.map_or(0, |w| (at + 1).saturating_sub(w));
-        let mut scores: Vec<f32> = (first..=at).map(|p| dot(q, k.row(kvh, p, hd))).collect();
+        // Plain loops, no closures: a closure would not inherit the caller's target features,
+        // and `mul_add` would become a call to the software `fmaf`.
+        let mut scores = vec![0f32; at + 1 - first];
+        for (s, p) in scores.iter_mut().zip(first..=at) {
+            *s = score::<FMA>(q, k.row(kvh, p, hd));
+        }
         softmax_scaled(isa, &mut scores, self.scale);
         out.fill(0.0);
         for (p, &w) in (first..=at).zip(&scores) {
             for (o, &x) in out.iter_mut().zip(v.row(kvh, p, hd)) {
-                *o += w * x;
+                *o = madd::<FMA>(w, x, *o);
             }
         }
     }
+}
+
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+/// `q · k` with 8 partial sums folded as a tree (what vector registers fold cheaply).
+#[inline(always)]
+fn score<const FMA: bool>(q: &[f32], k: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (cq, ck) = (q.chunks_exact(8), k.chunks_exact(8));
+    let mut tail = 0f32;
+    for (&a, &b) in cq.remainder().iter().zip(ck.remainder()) {
+        tail = madd::<FMA>(a, b, tail);
+    }
+    for (a, b) in cq.zip(ck) {
+        for l in 0..8 {
+            acc[l] = madd::<FMA>(a[l], b[l], acc[l]);
+        }
+    }
+    let h = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
+    ((h[0] + h[2]) + (h[1] + h[3])) + tail
 }
 
 #[cfg(test)]

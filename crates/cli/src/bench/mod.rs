@@ -1,7 +1,8 @@
 //! `ramole bench ...`: throughput figures measured side by side in one run: `model` and `lora`
-//! here, `batch` and `retrieval` in their own files.
+//! here, `batch`, `chat` and `retrieval` in their own files.
 
 mod batch;
+mod chat;
 mod retrieval;
 
 use std::time::Instant;
@@ -36,6 +37,9 @@ pub(crate) enum BenchCommand {
     /// Aggregate decode tokens/s of concurrent requests with different adapter sets: one after
     /// another, and batched by the engine at several batch sizes, side by side.
     Batch(batch::BatchBench),
+    /// Time to first token of each turn of a growing chat, with the engine's prefix cache and
+    /// without it, side by side.
+    Chat(chat::ChatBench),
 }
 
 #[derive(Args)]
@@ -95,6 +99,7 @@ pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Lora(b) => lora_bench(b),
         BenchCommand::Retrieval(b) => retrieval::run(b),
         BenchCommand::Batch(b) => batch::run(b),
+        BenchCommand::Chat(b) => chat::run(b),
     }
 }
 

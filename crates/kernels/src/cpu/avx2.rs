@@ -232,7 +232,7 @@ pub(crate) unsafe fn attention_query(
     v: crate::attention::KvView<'_>,
     out: &mut [f32],
 ) {
-    a.query_portable(isa, q, at, head, k, v, out)
+    a.query_portable::<true>(isa, q, at, head, k, v, out)
 }
 
 // ---- qdot -----------------------------------------------------------------------------------
