@@ -407,7 +407,7 @@ pub(crate) unsafe fn scan_f16(q: &[f32], rows: &[u16], out: &mut [f32]) {
 /// a panel's line (8 columns × 4 `k`), so each group is taken one column half at a time, and
 /// `vpdpbusd` becomes `vpmaddubsw` (u8 × i8 into i16 pairs) then `vpmaddwd` (into i32). The
 /// integer sums are those of `vpdpbusd` and the scales are applied by the same operations in
-/// the same order, so both sets give the same bits.
+/// the same order, so both sets give the same bits. `prefetch` as there.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; `panel` holds `acts.k / 32` groups of `gb` bytes
@@ -422,10 +422,11 @@ pub(crate) unsafe fn qmat_tile(
     acts: &crate::qmat::QActs,
     r0: usize,
     rows: usize,
+    prefetch: usize,
     tile: &mut [[f32; crate::qmat::PANEL]; crate::qmat::MR],
 ) {
     debug_assert!(panel.len() == acts.k / 32 * gb && r0 + rows <= acts.m);
-    let args = (zero, gb, panel.as_ptr(), acts, r0);
+    let args = (zero, gb, panel.as_ptr(), acts, r0, prefetch);
     macro_rules! by_rows {
         ($b:literal, $h:literal) => {
             // SAFETY: forwarded from the caller.
@@ -453,7 +454,14 @@ pub(crate) unsafe fn qmat_tile(
     }
 }
 
-type QmatArgs<'a> = (Option<u8>, usize, *const u8, &'a crate::qmat::QActs, usize);
+type QmatArgs<'a> = (
+    Option<u8>,
+    usize,
+    *const u8,
+    &'a crate::qmat::QActs,
+    usize,
+    usize,
+);
 
 /// `R` rows of one panel. With 16 ymm registers the AVX-512 kernel's shape (all of a group's
 /// quants held while every row passes) would spill, so the loops run the other way: each pair
@@ -471,7 +479,7 @@ type QmatArgs<'a> = (Option<u8>, usize, *const u8, &'a crate::qmat::QActs, usize
 /// As [`qmat_tile`]'s, with `R` rows of the scheme `BITS`/`HALVES` names.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn qmat_rows<const BITS: u8, const HALVES: bool, const R: usize>(
-    (zero, gb, panel, acts, r0): QmatArgs<'_>,
+    (zero, gb, panel, acts, r0, prefetch): QmatArgs<'_>,
     tile: &mut [[f32; crate::qmat::PANEL]; crate::qmat::MR],
 ) {
     let k = acts.k;
@@ -515,6 +523,15 @@ unsafe fn qmat_rows<const BITS: u8, const HALVES: bool, const R: usize>(
         let sums = acts.sums.as_ptr().add(r0 * ks);
         for g in 0..kd {
             let gp = panel.add(g * gb);
+            if prefetch > 0 {
+                // Every line of the group `prefetch` bytes ahead (steps of a line reach each
+                // one); a prefetch never faults, so it may run past the panel and the matrix.
+                let mut off = 0;
+                while off < gb {
+                    _mm_prefetch::<_MM_HINT_T0>(gp.wrapping_add(prefetch + off).cast());
+                    off += 64;
+                }
+            }
             let sp = gp.add(quant_bytes);
             // Row `r`'s activations `4j .. 4j + 4` of this group in every dword.
             let bx = |r: usize, j: usize| {

@@ -172,7 +172,8 @@ unsafe fn tile_rows<const R: usize, const KIND: u8, const P: usize>(t: &Tile, t1
 
 /// One panel of a [`crate::qmat::QMatrix`] against activation rows `r0 .. r0 + rows` into
 /// `tile[r]`: each group's quants are unpacked into eight zmm registers (16 columns × 4 `k`)
-/// once and multiplied with every row by `vpdpbusd`.
+/// once and multiplied with every row by `vpdpbusd`. With `prefetch > 0` each group first
+/// prefetches the lines that far ahead of it (see `qmat::PREFETCH_BYTES`).
 ///
 /// # Safety
 /// The CPU must support AVX-512F/BW/VL and VNNI, FMA and F16C; `panel` holds `acts.k / 32`
@@ -188,10 +189,11 @@ pub(crate) unsafe fn qmat_tile(
     acts: &crate::qmat::QActs,
     r0: usize,
     rows: usize,
+    prefetch: usize,
     tile: &mut [[f32; crate::qmat::PANEL]; crate::qmat::MR],
 ) {
     debug_assert!(panel.len() == acts.k / 32 * gb && r0 + rows <= acts.m);
-    let args = (zero, gb, panel.as_ptr(), acts, r0);
+    let args = (zero, gb, panel.as_ptr(), acts, r0, prefetch);
     macro_rules! by_rows {
         ($b:literal, $h:literal) => {
             // SAFETY: forwarded from the caller.
@@ -219,11 +221,18 @@ pub(crate) unsafe fn qmat_tile(
     }
 }
 
-type QmatArgs<'a> = (Option<u8>, usize, *const u8, &'a crate::qmat::QActs, usize);
+type QmatArgs<'a> = (
+    Option<u8>,
+    usize,
+    *const u8,
+    &'a crate::qmat::QActs,
+    usize,
+    usize,
+);
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn qmat_rows<const BITS: u8, const HALVES: bool, const R: usize>(
-    (zero, gb, panel, acts, r0): QmatArgs<'_>,
+    (zero, gb, panel, acts, r0, prefetch): QmatArgs<'_>,
     tile: &mut [[f32; crate::qmat::PANEL]; crate::qmat::MR],
 ) {
     let k = acts.k;
@@ -246,6 +255,15 @@ unsafe fn qmat_rows<const BITS: u8, const HALVES: bool, const R: usize>(
         let sums = acts.sums.as_ptr().add(r0 * ks);
         for g in 0..kd {
             let gp = panel.add(g * gb);
+            if prefetch > 0 {
+                // Every line of the group `prefetch` bytes ahead (steps of a line reach each
+                // one); a prefetch never faults, so it may run past the panel and the matrix.
+                let mut off = 0;
+                while off < gb {
+                    _mm_prefetch::<_MM_HINT_T0>(gp.wrapping_add(prefetch + off).cast());
+                    off += 64;
+                }
+            }
             let mut w = [_mm512_setzero_si512(); 8];
             if BITS == 8 {
                 for (j, wj) in w.iter_mut().enumerate() {
