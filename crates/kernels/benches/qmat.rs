@@ -2,6 +2,8 @@
 //! Qwen2.5-1.5B (Q4_K and Q6_K) and SmolLM2 (Q4_1), 1, 8 and 128 rows, every kernel set this
 //! CPU has side by side (avx512: VNNI, avx2: `vpmaddubsw`, portable at one row only): µs per
 //! product, GB/s of weights streamed and GOP/s. `RAYON_NUM_THREADS=1` for one core's numbers.
+//! Arguments narrow the run (for `perf`): words keep the shapes whose name contains one of
+//! them, numbers replace the row counts (`-- q6_k 2 8`).
 
 use std::time::Instant;
 
@@ -37,13 +39,29 @@ fn main() {
         ("qwen0.5b head q8_0", QType::Q8_0, 151936, 896),
         ("qwen1.5b head q6_k", QType::Q6K, 151936, 1536),
     ];
+    // `cargo bench` passes `--bench`.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let mut rows: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    if rows.is_empty() {
+        rows = vec![1, 8, 128];
+    }
+    let words: Vec<&String> = args
+        .iter()
+        .filter(|a| a.parse::<usize>().is_err())
+        .collect();
     println!(
         "{:<26} {:>5} {:>9} {:>10} {:>9} {:>9}",
         "shape", "rows", "set", "µs", "GB/s", "GOP/s"
     );
     for (name, qtype, n, k) in shapes {
+        if !words.is_empty() && !words.iter().any(|w| name.contains(w.as_str())) {
+            continue;
+        }
         let w = random_matrix(qtype, n, k, 7);
-        for m in [1usize, 8, 128] {
+        for &m in &rows {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
                 .collect();

@@ -5,15 +5,22 @@
 //! quantized values of the panel's 16 columns interleaved four at a time (one 64-byte register
 //! holds 4 consecutive `k` of 16 columns, what `vpdpbusd` multiplies), then the group's scales
 //! (and offsets) of the 16 columns. Every block type becomes the same form, `w = s·u + o` with
-//! unsigned quants `u` (4, 5, 6 or 8 bits, stored as a nibble plane plus bit planes) and f16
-//! `s`, `o` per 32 values (per 16 for Q6_K, Q3_K and Q2_K), so one kernel per bit width serves
-//! all of them and the bytes stay those of the file (see [`QType::packed_bits`]).
+//! unsigned quants `u` (4, 5, 6 or 8 bits, stored as a nibble plane plus bit planes) and `s`,
+//! `o` per 32 values (per 16 for Q6_K, Q3_K and Q2_K), so one kernel per bit width serves all
+//! of them. Q4_0 .. Q8_0 store `s` (and `o`) as f16 in the group, as the file does. The
+//! k-quants keep the file's two levels: an i8 sub-scale `sc` (and sub-min `m`) per column in
+//! the group, and before every block of [`SUPER`] values a header with the f16 super-scale `d`
+//! (and the negated super-min `-dmin`) of each column; the kernels form `s = d·sc` and
+//! `o = -dmin·m` (or `-zero·s`), products exact in f32, so the values are ggml's to the bit.
+//! The bytes are the file's, or for Q4_K and Q5_K 1/8 bit per weight more (8-bit instead of
+//! 6-bit sub-scales and mins); Q3_K and Q2_K take a nibble per quant (see
+//! [`QType::packed_bits`]).
 //!
 //! Activations are quantized per row and group of 32 to int8 with an f32 scale ([`QActs`]), as
 //! llama.cpp's Q8 activations are: the product of a group is an exact integer sum
 //! `Σ u·q`, scaled by `s·dx` and offset by `o·dx·Σq`. The error against the f32 product of the
-//! dequantized weights is that of rounding the activations (at most `dx/2` per value) and of
-//! the f16 scales; [`QActs::error_bound`] states it and the tests hold every set to it.
+//! dequantized weights is that of rounding the activations (at most `dx/2` per value);
+//! [`QActs::error_bound`] states it and the tests hold every set to it.
 //!
 //! Decode (1-8 rows) and prefill (many rows) are one tiled kernel: a panel's group is unpacked
 //! into registers once and multiplied with up to [`MR`] rows; prefill walks the rows in tiles of
@@ -29,6 +36,16 @@ pub const PANEL: usize = 16;
 pub const GROUP: usize = 32;
 /// Activation rows multiplied per pass over a panel.
 pub const MR: usize = 8;
+/// How far ahead of the group being multiplied the kernels prefetch the panel stream. From
+/// about 4 rows a group's work (4 rows × 8 `vpdpbusd` and more) fills the out-of-order window,
+/// so only a group or two of loads are in flight and the hardware prefetcher alone left an
+/// 8-row pass over a DRAM-sized matrix latency-bound at ~5 GB/s, half the kernel's speed on
+/// cached panels; a few KB ahead brings it to that speed. Below 4 rows the loop is short
+/// enough for the loads to overlap by themselves, and the prefetches only cost issue slots
+/// (~7% at one row on cached panels).
+const PREFETCH_BYTES: usize = 4096;
+/// Fewest rows of a tile that prefetch (see [`PREFETCH_BYTES`]).
+const PREFETCH_ROWS: usize = 4;
 
 /// The GGUF block types a [`QMatrix`] is packed from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -66,14 +83,21 @@ pub enum QMatError {
 
 /// How a type is laid out in the panels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Scheme {
+pub(crate) struct Scheme {
     /// Bits per quant: 4 (nibble plane), 5 or 6 (nibble plane and 1 or 2 bit planes), 8 (bytes).
-    bits: u8,
+    pub(crate) bits: u8,
     /// Scales (and offsets) per 16 values instead of per 32.
-    halves: bool,
+    pub(crate) halves: bool,
     /// `o = -zero·s` for symmetric types, whose offsets are therefore not stored.
-    zero: Option<u8>,
+    pub(crate) zero: Option<u8>,
+    /// The k-quants' two levels: i8 scales (and mins) in the groups under an f16 super-scale
+    /// (and negated super-min) per column and [`SUPER`] values, in a header before each block's
+    /// groups. Else f16 scales (and offsets) in the groups.
+    pub(crate) supers: bool,
 }
+
+/// Values along `k` under one super-scale (a k-quant block).
+pub const SUPER: usize = 256;
 
 impl QType {
     /// Values per GGUF block.
@@ -101,27 +125,34 @@ impl QType {
     }
 
     fn scheme(self) -> Scheme {
-        let s = |bits, halves, zero| Scheme { bits, halves, zero };
+        let s = |bits, halves, zero, supers| Scheme {
+            bits,
+            halves,
+            zero,
+            supers,
+        };
         match self {
-            QType::Q4_0 => s(4, false, Some(8)),
-            QType::Q4_1 | QType::Q4K => s(4, false, None),
-            QType::Q5_0 => s(5, false, Some(16)),
-            QType::Q5_1 | QType::Q5K => s(5, false, None),
-            QType::Q8_0 => s(8, false, Some(128)),
-            QType::Q6K => s(6, true, Some(32)),
-            QType::Q3K => s(4, true, Some(4)),
-            QType::Q2K => s(4, true, None),
+            QType::Q4_0 => s(4, false, Some(8), false),
+            QType::Q4_1 => s(4, false, None, false),
+            QType::Q4K => s(4, false, None, true),
+            QType::Q5_0 => s(5, false, Some(16), false),
+            QType::Q5_1 => s(5, false, None, false),
+            QType::Q5K => s(5, false, None, true),
+            QType::Q8_0 => s(8, false, Some(128), false),
+            QType::Q6K => s(6, true, Some(32), true),
+            QType::Q3K => s(4, true, Some(4), true),
+            QType::Q2K => s(4, true, None, true),
         }
     }
 
-    /// Bits per weight once packed (the file's: Q4_0 4.5, Q4_1 5, Q5_0 5.5, Q5_1 6, Q8_0 8.5;
-    /// the k-quants' two-level scales become one f16 per group: Q4_K 5 for 4.5, Q5_K 6 for 5.5,
-    /// Q6_K 7 for 6.56, Q3_K 5 for 3.44, Q2_K 6 for 2.63).
+    /// Bits per weight once packed: the file's for Q4_0 4.5, Q4_1 5, Q5_0 5.5, Q5_1 6, Q8_0 8.5
+    /// and Q6_K 6.5625; Q4_K 4.625 for 4.5 and Q5_K 5.625 for 5.5 (8-bit instead of 6-bit
+    /// scales and mins); Q3_K 4.5625 for 3.4375 and Q2_K 5.125 for 2.625 (their quants take a
+    /// nibble).
     pub fn packed_bits(self) -> f64 {
         let sc = self.scheme();
-        let per = if sc.halves { 16.0 } else { 32.0 };
-        let scales = if sc.zero.is_some() { 16.0 } else { 32.0 };
-        f64::from(sc.bits) + scales / per
+        let bytes = sc.group_bytes() as f64 + sc.super_bytes() as f64 / (SUPER / GROUP) as f64;
+        bytes * 8.0 / (PANEL * GROUP) as f64
     }
 }
 
@@ -134,12 +165,37 @@ impl Scheme {
             _ => 512,
         }
     }
-    /// Bytes of one group's scales (or offsets): one f16 per column and scale group.
+    /// Bytes of one group's scales (or offsets): one f16, or i8 under super-scales, per column
+    /// and scale group.
     fn scale_bytes(self) -> usize {
-        PANEL * 2 * if self.halves { 2 } else { 1 }
+        PANEL * if self.supers { 1 } else { 2 } * if self.halves { 2 } else { 1 }
     }
-    fn group_bytes(self) -> usize {
+    pub(crate) fn group_bytes(self) -> usize {
         self.quant_bytes() + self.scale_bytes() * if self.zero.is_some() { 1 } else { 2 }
+    }
+    /// Bytes of a block's header: f16 super-scales (and negated super-mins) of the columns.
+    pub(crate) fn super_bytes(self) -> usize {
+        match (self.supers, self.zero) {
+            (false, _) => 0,
+            (true, Some(_)) => PANEL * 2,
+            (true, None) => PANEL * 4,
+        }
+    }
+    /// Groups per header (1 without one).
+    fn block_groups(self) -> usize {
+        if self.supers { SUPER / GROUP } else { 1 }
+    }
+    /// Offset in a panel of the header of group `g`'s block (of `g` itself without headers).
+    fn header_at(self, g: usize) -> usize {
+        let bg = self.block_groups();
+        g / bg * (self.super_bytes() + bg * self.group_bytes())
+    }
+    /// Offset of group `g` in a panel: the blocks' headers come before their groups.
+    fn group_at(self, g: usize) -> usize {
+        self.header_at(g) + self.super_bytes() + g % self.block_groups() * self.group_bytes()
+    }
+    fn panel_bytes(self, k: usize) -> usize {
+        k / GROUP * self.group_bytes() + k / GROUP / self.block_groups() * self.super_bytes()
     }
 }
 
@@ -177,15 +233,18 @@ impl QMatrix {
         let sc = qtype.scheme();
         let groups = k / GROUP;
         let panels = n.div_ceil(PANEL);
-        let gb = sc.group_bytes();
-        let mut data = vec![0u8; panels * groups * gb];
+        let (gb, sb, pb) = (sc.group_bytes(), sc.super_bytes(), sc.panel_bytes(k));
+        let mut data = vec![0u8; panels * pb];
         let mut u = vec![0u8; PANEL * k];
         let mut s = vec![0f32; PANEL * k / 16];
         let mut o = vec![0f32; PANEL * k / 16];
+        // The k-quants' levels: per column, one `KLevels` per block.
+        let mut levels = vec![KLevels::default(); PANEL * k / block];
         for p in 0..panels {
             u.fill(0);
             s.fill(0.0);
             o.fill(0.0);
+            levels.fill(KLevels::default());
             for c in 0..PANEL.min(n - p * PANEL) {
                 let row = &bytes[(p * PANEL + c) * row_bytes..][..row_bytes];
                 for (b, blk) in row.chunks_exact(qtype.block_bytes()).enumerate() {
@@ -197,11 +256,27 @@ impl QMatrix {
                         &mut s[(c * k + at) / 16..][..block / 16],
                         &mut o[(c * k + at) / 16..][..block / 16],
                     );
+                    if sc.supers {
+                        levels[c * k / block + b] = k_levels(qtype, blk);
+                    }
                 }
             }
+            let panel = &mut data[p * pb..][..pb];
             for g in 0..groups {
-                let out = &mut data[(p * groups + g) * gb..][..gb];
-                write_group(sc, g, k, &u, &s, &o, out);
+                let at = sc.group_at(g);
+                write_group(sc, g, k, &u, &s, &o, &levels, &mut panel[at..][..gb]);
+                if sc.supers && g % sc.block_groups() == 0 {
+                    let header = &mut panel[sc.header_at(g)..][..sb];
+                    for c in 0..PANEL {
+                        let l = &levels[c * k / SUPER + g * GROUP / SUPER];
+                        let d = half::f16::from_f32(l.d).to_le_bytes();
+                        header[2 * c..][..2].copy_from_slice(&d);
+                        if sc.zero.is_none() {
+                            let m = half::f16::from_f32(-l.dmin).to_le_bytes();
+                            header[2 * (PANEL + c)..][..2].copy_from_slice(&m);
+                        }
+                    }
+                }
             }
         }
         Ok(Self { qtype, n, k, data })
@@ -227,7 +302,7 @@ impl QMatrix {
     }
 
     fn panel(&self, p: usize) -> &[u8] {
-        let pb = self.k / GROUP * self.qtype.scheme().group_bytes();
+        let pb = self.qtype.scheme().panel_bytes(self.k);
         &self.data[p * pb..][..pb]
     }
 
@@ -242,10 +317,10 @@ impl QMatrix {
         let panel = self.panel(p);
         let gb = sc.group_bytes();
         for g in 0..self.k / GROUP {
-            let grp = &panel[g * gb..][..gb];
+            let grp = &panel[sc.group_at(g)..][..gb];
             for j in 0..GROUP {
                 let h = usize::from(sc.halves && j >= 16);
-                let (s, o) = group_scale(sc, grp, h, c);
+                let (s, o) = group_scale(sc, panel, g, h, c);
                 out[g * GROUP + j] = s * f32::from(read_quant(sc, grp, c, j)) + o;
             }
         }
@@ -340,7 +415,13 @@ impl QMatrix {
             let cols = PANEL.min(n - p * PANEL);
             for r0 in (0..m).step_by(MR) {
                 let rows = MR.min(m - r0);
-                self.tile(isa, panel, acts, r0, rows, &mut tile);
+                // The first row tile streams the panel in; later ones find it in L2.
+                let prefetch = if r0 == 0 && rows >= PREFETCH_ROWS {
+                    PREFETCH_BYTES
+                } else {
+                    0
+                };
+                self.tile(isa, panel, acts, r0, rows, prefetch, &mut tile);
                 for (r, t) in tile.iter().enumerate().take(rows) {
                     // SAFETY: row r0 + r < m, columns p * PANEL .. + cols < n (caller).
                     unsafe {
@@ -352,7 +433,9 @@ impl QMatrix {
         }
     }
 
-    /// One panel against rows `r0 .. r0 + rows` (`rows <= MR`) into `tile[r]`.
+    /// One panel against rows `r0 .. r0 + rows` (`rows <= MR`) into `tile[r]`, prefetching
+    /// `prefetch` bytes ahead (0: not).
+    #[allow(clippy::too_many_arguments)]
     fn tile(
         &self,
         isa: Isa,
@@ -360,44 +443,22 @@ impl QMatrix {
         acts: &QActs,
         r0: usize,
         rows: usize,
+        prefetch: usize,
         tile: &mut [[f32; PANEL]; MR],
     ) {
         let sc = self.qtype.scheme();
         #[cfg(target_arch = "x86_64")]
         if isa.has_avx512_vnni() {
             // SAFETY: VNNI was detected (with AVX-512F/BW/VL); the panel holds `k / 32` groups
-            // of this scheme and `acts` holds rows r0 .. r0 + rows of `k` values.
-            unsafe {
-                crate::cpu::avx512::qmat_tile(
-                    sc.bits,
-                    sc.halves,
-                    sc.zero,
-                    sc.group_bytes(),
-                    panel,
-                    acts,
-                    r0,
-                    rows,
-                    tile,
-                )
-            };
+            // (and `k / 256` headers) of this scheme and `acts` holds rows r0 .. r0 + rows of
+            // `k` values.
+            unsafe { crate::cpu::avx512::qmat_tile(sc, panel, acts, r0, rows, prefetch, tile) };
             return;
         }
         #[cfg(target_arch = "x86_64")]
         if isa.has_avx2() {
             // SAFETY: AVX2, FMA and F16C were detected; the panel and rows as above.
-            unsafe {
-                crate::cpu::avx2::qmat_tile(
-                    sc.bits,
-                    sc.halves,
-                    sc.zero,
-                    sc.group_bytes(),
-                    panel,
-                    acts,
-                    r0,
-                    rows,
-                    tile,
-                )
-            };
+            unsafe { crate::cpu::avx2::qmat_tile(sc, panel, acts, r0, rows, prefetch, tile) };
             return;
         }
         let _ = isa;
@@ -476,9 +537,67 @@ impl QActs {
     }
 }
 
+/// A k-quant block's two levels per 16 values: scale `d·sc[i]`, offset `-dmin·m[i]` (or
+/// `-zero·d·sc[i]` for the symmetric Q6_K and Q3_K, whose `dmin` and `m` are 0). Every such
+/// product of an f16 and an integer of at most 8 bits is exact in f32.
+#[derive(Clone, Copy, Debug, Default)]
+struct KLevels {
+    d: f32,
+    dmin: f32,
+    sc: [i8; 16],
+    m: [i8; 16],
+}
+
+/// The levels of a k-quant block as GGUF stores them.
+fn k_levels(qtype: QType, b: &[u8]) -> KLevels {
+    let f16 = |i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    let mut l = KLevels::default();
+    match qtype {
+        QType::Q4K | QType::Q5K => {
+            (l.d, l.dmin) = (f16(0), f16(2));
+            for j in 0..8 {
+                let (sc, m) = k4_scale_min(j, &b[4..16]);
+                // 6 bits: they fit an i8.
+                l.sc[2 * j..][..2].fill(sc as i8);
+                l.m[2 * j..][..2].fill(m as i8);
+            }
+        }
+        QType::Q6K => {
+            l.d = f16(208);
+            for (o, &v) in l.sc.iter_mut().zip(&b[192..208]) {
+                *o = v as i8;
+            }
+        }
+        QType::Q2K => {
+            (l.d, l.dmin) = (f16(80), f16(82));
+            for (i, &v) in b[0..16].iter().enumerate() {
+                l.sc[i] = (v & 0x0F) as i8;
+                l.m[i] = (v >> 4) as i8;
+            }
+        }
+        QType::Q3K => {
+            l.d = f16(108);
+            l.sc = k3_scales(&b[96..108]);
+        }
+        _ => unreachable!("{qtype:?} is no k-quant"),
+    }
+    l
+}
+
 /// Decodes one GGUF block into unsigned quants `u` (one per value) and per-16 scales `s` and
 /// offsets `o`, so that value `j` is `s[j/16]·u[j] + o[j/16]` (ggml's `dequantize_row_*`).
 fn decode_block(qtype: QType, b: &[u8], u: &mut [u8], s: &mut [f32], o: &mut [f32]) {
+    if qtype.scheme().supers {
+        let l = k_levels(qtype, b);
+        let zero = qtype.scheme().zero;
+        for i in 0..16 {
+            s[i] = l.d * f32::from(l.sc[i]);
+            o[i] = match zero {
+                Some(z) => -f32::from(z) * s[i],
+                None => -l.dmin * f32::from(l.m[i]),
+            };
+        }
+    }
     let f16 = |i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
     let mut per32 = |j: usize, sv: f32, ov: f32| {
         s[2 * j] = sv;
@@ -521,8 +640,6 @@ fn decode_block(qtype: QType, b: &[u8], u: &mut [u8], s: &mut [f32], o: &mut [f3
             }
         }
         QType::Q4K | QType::Q5K => {
-            let (d, dmin) = (f16(0), f16(2));
-            let scales = &b[4..16];
             let (qh, qs) = if qtype == QType::Q4K {
                 (None, &b[16..144])
             } else {
@@ -531,8 +648,6 @@ fn decode_block(qtype: QType, b: &[u8], u: &mut [u8], s: &mut [f32], o: &mut [f3
             for c in 0..4 {
                 for h in 0..2 {
                     let j = 2 * c + h;
-                    let (sc, m) = k4_scale_min(j, scales);
-                    per32(j, d * f32::from(sc), -dmin * f32::from(m));
                     for l in 0..32 {
                         let q = qs[32 * c + l];
                         let mut v = if h == 0 { q & 0x0F } else { q >> 4 };
@@ -545,12 +660,7 @@ fn decode_block(qtype: QType, b: &[u8], u: &mut [u8], s: &mut [f32], o: &mut [f3
             }
         }
         QType::Q6K => {
-            let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
-            let d = f16(208);
-            for (i, &v) in sc.iter().enumerate() {
-                s[i] = d * f32::from(v as i8);
-                o[i] = -32.0 * s[i];
-            }
+            let (ql, qh) = (&b[0..128], &b[128..192]);
             for n in 0..2 {
                 let (ql, qh) = (&ql[64 * n..], &qh[32 * n..]);
                 let u = &mut u[128 * n..];
@@ -563,12 +673,7 @@ fn decode_block(qtype: QType, b: &[u8], u: &mut [u8], s: &mut [f32], o: &mut [f3
             }
         }
         QType::Q2K => {
-            let (sc, qs) = (&b[0..16], &b[16..80]);
-            let (d, dmin) = (f16(80), f16(82));
-            for (i, &v) in sc.iter().enumerate() {
-                s[i] = d * f32::from(v & 0x0F);
-                o[i] = -dmin * f32::from(v >> 4);
-            }
+            let qs = &b[16..80];
             for (e, ue) in u.iter_mut().enumerate() {
                 let (n, r) = (e / 128, e % 128);
                 let (j, half, l) = (r / 32, (r % 32) / 16, r % 16);
@@ -576,12 +681,7 @@ fn decode_block(qtype: QType, b: &[u8], u: &mut [u8], s: &mut [f32], o: &mut [f3
             }
         }
         QType::Q3K => {
-            let (hm, qs, raw) = (&b[0..32], &b[32..96], &b[96..108]);
-            let d = f16(108);
-            for (i, sv) in k3_scales(raw).into_iter().enumerate() {
-                s[i] = d * f32::from(sv);
-                o[i] = -4.0 * s[i];
-            }
+            let (hm, qs) = (&b[0..32], &b[32..96]);
             for (e, ue) in u.iter_mut().enumerate() {
                 let (n, r) = (e / 128, e % 128);
                 let (j, half, l) = (r / 32, (r % 32) / 16, r % 16);
@@ -620,9 +720,20 @@ fn k3_scales(raw: &[u8]) -> [i8; 16] {
     out
 }
 
-/// Writes group `g` of a panel: quants interleaved four `k` at a time, then scales, offsets.
-/// `u` `[16, k]`, `s`/`o` `[16, k / 16]` per column of the panel.
-fn write_group(sc: Scheme, g: usize, k: usize, u: &[u8], s: &[f32], o: &[f32], out: &mut [u8]) {
+/// Writes group `g` of a panel: quants interleaved four `k` at a time, then scales, offsets
+/// (the k-quants' integer levels). `u` `[16, k]`, `s`/`o` `[16, k / 16]`, `levels`
+/// `[16, k / 256]` per column of the panel.
+#[allow(clippy::too_many_arguments)]
+fn write_group(
+    sc: Scheme,
+    g: usize,
+    k: usize,
+    u: &[u8],
+    s: &[f32],
+    o: &[f32],
+    levels: &[KLevels],
+    out: &mut [u8],
+) {
     let uq = |c: usize, j: usize| u[c * k + g * GROUP + j];
     match sc.bits {
         8 => {
@@ -661,16 +772,25 @@ fn write_group(sc: Scheme, g: usize, k: usize, u: &[u8], s: &[f32], o: &[f32], o
         }
     }
     let halves = if sc.halves { 2 } else { 1 };
-    let at = sc.quant_bytes();
+    let (at, offsets) = (sc.quant_bytes(), sc.quant_bytes() + sc.scale_bytes());
     for h in 0..halves {
         for c in 0..PANEL {
+            let e = h * PANEL + c;
+            if sc.supers {
+                let l = &levels[c * k / SUPER + g * GROUP / SUPER];
+                let i = (g * GROUP % SUPER) / 16 + h;
+                out[at + e] = l.sc[i] as u8;
+                if sc.zero.is_none() {
+                    out[offsets + e] = l.m[i] as u8;
+                }
+                continue;
+            }
             let i = c * k / 16 + 2 * g + h;
             let sv = half::f16::from_f32(s[i]).to_le_bytes();
-            out[at + 2 * (h * PANEL + c)..][..2].copy_from_slice(&sv);
+            out[at + 2 * e..][..2].copy_from_slice(&sv);
             if sc.zero.is_none() {
                 let ov = half::f16::from_f32(o[i]).to_le_bytes();
-                let at = at + sc.scale_bytes();
-                out[at + 2 * (h * PANEL + c)..][..2].copy_from_slice(&ov);
+                out[offsets + 2 * e..][..2].copy_from_slice(&ov);
             }
         }
     }
@@ -691,14 +811,28 @@ fn read_quant(sc: Scheme, grp: &[u8], c: usize, j: usize) -> u8 {
     v
 }
 
-/// Scale and offset of half `h` (0 unless per-16) of column `c` in a packed group.
-fn group_scale(sc: Scheme, grp: &[u8], h: usize, c: usize) -> (f32, f32) {
-    let at = sc.quant_bytes() + 2 * (h * PANEL + c);
-    let f = |i: usize| half::f16::from_le_bytes([grp[i], grp[i + 1]]).to_f32();
-    let s = f(at);
+/// Scale and offset of half `h` (0 unless per-16) of column `c` in group `g` of a panel, as
+/// the SIMD kernels form them.
+fn group_scale(sc: Scheme, panel: &[u8], g: usize, h: usize, c: usize) -> (f32, f32) {
+    let grp = &panel[sc.group_at(g)..][..sc.group_bytes()];
+    let f = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    let e = h * PANEL + c;
+    let (at, offsets) = (sc.quant_bytes(), sc.quant_bytes() + sc.scale_bytes());
+    let (s, o) = if sc.supers {
+        let header = &panel[sc.header_at(g)..];
+        let s = f(header, 2 * c) * f32::from(grp[at + e] as i8);
+        let o = sc
+            .zero
+            .is_none()
+            .then(|| f(header, 2 * (PANEL + c)) * f32::from(grp[offsets + e] as i8));
+        (s, o)
+    } else {
+        let s = f(grp, at + 2 * e);
+        (s, sc.zero.is_none().then(|| f(grp, offsets + 2 * e)))
+    };
     let o = match sc.zero {
         Some(z) => -f32::from(z) * s,
-        None => f(at + sc.scale_bytes()),
+        None => o.unwrap_or_default(),
     };
     (s, o)
 }
@@ -718,17 +852,17 @@ fn tile_portable(
         t.fill(0.0);
     }
     for g in 0..k / GROUP {
-        let grp = &panel[g * gb..][..gb];
+        let grp = &panel[sc.group_at(g)..][..gb];
         for c in 0..PANEL {
             let mut u = [0u8; GROUP];
             for (j, v) in u.iter_mut().enumerate() {
                 *v = read_quant(sc, grp, c, j);
             }
-            let s0 = group_scale(sc, grp, 0, c);
+            let s0 = group_scale(sc, panel, g, 0, c);
             let scales = [
                 s0,
                 if sc.halves {
-                    group_scale(sc, grp, 1, c)
+                    group_scale(sc, panel, g, 1, c)
                 } else {
                     s0
                 },
@@ -804,17 +938,17 @@ mod tests {
     }
 
     #[test]
-    fn packing_keeps_every_value_up_to_the_f16_scales() {
+    fn packing_keeps_every_value_exactly() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         for qtype in ALL {
             let (n, k) = (37, 512);
             let bytes = random_blocks(qtype, n * k / qtype.block_values(), &mut rng);
             let want = decoded(qtype, &bytes, n, k);
             let got = QMatrix::pack(qtype, &bytes, n, k).unwrap().dequantize();
+            // The file's f16 scales are kept as they are, the k-quants' two levels too, and
+            // every scale or offset formed from them is exact in f32.
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                // f16 rounding of s and o (each at most 2^-11 relative), values up to 255·s.
-                let tol = 2e-3 * w.abs() + 1e-3 * 0.05 * 64.0;
-                assert!((g - w).abs() <= tol, "{qtype:?} value {i}: {g} vs {w}");
+                assert_eq!(g.to_bits(), w.to_bits(), "{qtype:?} value {i}: {g} vs {w}");
             }
         }
     }
@@ -959,6 +1093,30 @@ mod tests {
                         "{isa:?} m={m}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn resident_bytes_are_the_packed_bits() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        for qtype in ALL {
+            let (n, k) = (48, 768);
+            let bytes = random_blocks(qtype, n * k / qtype.block_values(), &mut rng);
+            let qm = QMatrix::pack(qtype, &bytes, n, k).unwrap();
+            assert_eq!(
+                qm.bytes() as f64,
+                (n * k) as f64 * qtype.packed_bits() / 8.0,
+                "{qtype:?}"
+            );
+            let file = (qtype.block_bytes() * 8) as f64 / qtype.block_values() as f64;
+            let over = qtype.packed_bits() / file;
+            match qtype {
+                // The types of a Q4_K_M / Q5_K_M file.
+                QType::Q4K | QType::Q5K | QType::Q6K => assert!(over <= 1.03, "{qtype:?} {over}"),
+                // Their quants take a nibble.
+                QType::Q3K | QType::Q2K => assert!(over <= 2.0, "{qtype:?} {over}"),
+                _ => assert_eq!(over, 1.0, "{qtype:?}"),
             }
         }
     }

@@ -407,53 +407,66 @@ pub(crate) unsafe fn scan_f16(q: &[f32], rows: &[u16], out: &mut [f32]) {
 /// a panel's line (8 columns × 4 `k`), so each group is taken one column half at a time, and
 /// `vpdpbusd` becomes `vpmaddubsw` (u8 × i8 into i16 pairs) then `vpmaddwd` (into i32). The
 /// integer sums are those of `vpdpbusd` and the scales are applied by the same operations in
-/// the same order, so both sets give the same bits.
+/// the same order, so both sets give the same bits. `prefetch` as there.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C; `panel` holds `acts.k / 32` groups of `gb` bytes
-/// laid out for (`bits`, `halves`, `zero`); `rows <= MR` and `r0 + rows <= acts.m`.
-#[allow(clippy::too_many_arguments)]
+/// The CPU must support AVX2, FMA and F16C; `panel` holds `acts.k / 32` groups (and
+/// `acts.k / 256` headers with `sc.supers`) laid out for `sc`; `rows <= MR` and
+/// `r0 + rows <= acts.m`.
 pub(crate) unsafe fn qmat_tile(
-    bits: u8,
-    halves: bool,
-    zero: Option<u8>,
-    gb: usize,
+    sc: crate::qmat::Scheme,
     panel: &[u8],
     acts: &crate::qmat::QActs,
     r0: usize,
     rows: usize,
+    prefetch: usize,
     tile: &mut [[f32; crate::qmat::PANEL]; crate::qmat::MR],
 ) {
-    debug_assert!(panel.len() == acts.k / 32 * gb && r0 + rows <= acts.m);
-    let args = (zero, gb, panel.as_ptr(), acts, r0);
+    let (gb, sb) = (sc.group_bytes(), sc.super_bytes());
+    debug_assert!(
+        panel.len() == acts.k / 32 * gb + acts.k / 256 * sb && r0 + rows <= acts.m,
+        "{sc:?}"
+    );
+    let args = (sc.zero, gb, sb, panel.as_ptr(), acts, r0, prefetch);
     macro_rules! by_rows {
-        ($b:literal, $h:literal) => {
+        ($b:literal, $h:literal, $s:literal) => {
             // SAFETY: forwarded from the caller.
             unsafe {
                 match rows {
-                    1 => qmat_rows::<$b, $h, 1>(args, tile),
-                    2 => qmat_rows::<$b, $h, 2>(args, tile),
-                    3 => qmat_rows::<$b, $h, 3>(args, tile),
-                    4 => qmat_rows::<$b, $h, 4>(args, tile),
-                    5 => qmat_rows::<$b, $h, 5>(args, tile),
-                    6 => qmat_rows::<$b, $h, 6>(args, tile),
-                    7 => qmat_rows::<$b, $h, 7>(args, tile),
-                    _ => qmat_rows::<$b, $h, 8>(args, tile),
+                    1 => qmat_rows::<$b, $h, $s, 1>(args, tile),
+                    2 => qmat_rows::<$b, $h, $s, 2>(args, tile),
+                    3 => qmat_rows::<$b, $h, $s, 3>(args, tile),
+                    4 => qmat_rows::<$b, $h, $s, 4>(args, tile),
+                    5 => qmat_rows::<$b, $h, $s, 5>(args, tile),
+                    6 => qmat_rows::<$b, $h, $s, 6>(args, tile),
+                    7 => qmat_rows::<$b, $h, $s, 7>(args, tile),
+                    _ => qmat_rows::<$b, $h, $s, 8>(args, tile),
                 }
             }
         };
     }
-    match (bits, halves) {
-        (4, false) => by_rows!(4, false),
-        (4, true) => by_rows!(4, true),
-        (5, false) => by_rows!(5, false),
-        (6, true) => by_rows!(6, true),
-        (8, false) => by_rows!(8, false),
-        other => unreachable!("no packed scheme {other:?}"),
+    match (sc.bits, sc.halves, sc.supers) {
+        (4, false, false) => by_rows!(4, false, false),
+        (4, false, true) => by_rows!(4, false, true),
+        (4, true, true) => by_rows!(4, true, true),
+        (5, false, false) => by_rows!(5, false, false),
+        (5, false, true) => by_rows!(5, false, true),
+        (6, true, true) => by_rows!(6, true, true),
+        (8, false, false) => by_rows!(8, false, false),
+        _ => unreachable!("no packed scheme {sc:?}"),
     }
 }
 
-type QmatArgs<'a> = (Option<u8>, usize, *const u8, &'a crate::qmat::QActs, usize);
+/// Zero point, group and header bytes, panel, activations, first row, prefetch distance.
+type QmatArgs<'a> = (
+    Option<u8>,
+    usize,
+    usize,
+    *const u8,
+    &'a crate::qmat::QActs,
+    usize,
+    usize,
+);
 
 /// `R` rows of one panel. With 16 ymm registers the AVX-512 kernel's shape (all of a group's
 /// quants held while every row passes) would spill, so the loops run the other way: each pair
@@ -468,10 +481,10 @@ type QmatArgs<'a> = (Option<u8>, usize, *const u8, &'a crate::qmat::QActs, usize
 /// high one weighed by 16 in `vpmaddwd`: `2 · 255 · 127` would not fit even once.
 ///
 /// # Safety
-/// As [`qmat_tile`]'s, with `R` rows of the scheme `BITS`/`HALVES` names.
+/// As [`qmat_tile`]'s, with `R` rows of the scheme `BITS`/`HALVES`/`SUPERS` names.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn qmat_rows<const BITS: u8, const HALVES: bool, const R: usize>(
-    (zero, gb, panel, acts, r0): QmatArgs<'_>,
+unsafe fn qmat_rows<const BITS: u8, const HALVES: bool, const SUPERS: bool, const R: usize>(
+    (zero, gb, sb, panel, acts, r0, prefetch): QmatArgs<'_>,
     tile: &mut [[f32; crate::qmat::PANEL]; crate::qmat::MR],
 ) {
     let k = acts.k;
@@ -482,7 +495,9 @@ unsafe fn qmat_rows<const BITS: u8, const HALVES: bool, const R: usize>(
         6 => 384,
         _ => 512,
     };
-    let scale_bytes = if HALVES { 64 } else { 32 };
+    // A column's scale (or offset) is an f16, or an i8 under the block's super-scale.
+    let elem = if SUPERS { 1 } else { 2 };
+    let scale_bytes = elem * if HALVES { 32 } else { 16 };
     let run = match BITS {
         5 => 4,
         6 => 2,
@@ -507,14 +522,40 @@ unsafe fn qmat_rows<const BITS: u8, const HALVES: bool, const R: usize>(
     let probe = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
     let neg_zero = zero.map(|z| _mm256_set1_ps(-f32::from(z)));
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    // The block's super-scales and negated super-mins of each column half.
+    let (mut sup_d, mut sup_m) = ([_mm256_setzero_ps(); 2], [_mm256_setzero_ps(); 2]);
     // SAFETY (whole body): every pointer below stays inside `panel` (k / 32 groups of `gb`
-    // bytes) or inside rows r0 .. r0 + R of `acts` (the caller's contract).
+    // bytes, with `SUPERS` k / 256 headers of `sb` bytes each before its 8 groups) or inside
+    // rows r0 .. r0 + R of `acts` (the caller's contract).
     unsafe {
         let xq = acts.q.as_ptr().add(r0 * k);
         let dx = acts.d.as_ptr().add(r0 * kd);
         let sums = acts.sums.as_ptr().add(r0 * ks);
+        let cvt = |p: *const u8| _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
         for g in 0..kd {
-            let gp = panel.add(g * gb);
+            let gp = if SUPERS {
+                let header = panel.add(g / 8 * (sb + 8 * gb));
+                if g % 8 == 0 {
+                    for h in 0..2 {
+                        sup_d[h] = cvt(header.add(16 * h));
+                        if zero.is_none() {
+                            sup_m[h] = cvt(header.add(32 + 16 * h));
+                        }
+                    }
+                }
+                header.add(sb + g % 8 * gb)
+            } else {
+                panel.add(g * gb)
+            };
+            if prefetch > 0 {
+                // Every line of the group `prefetch` bytes ahead (steps of a line reach each
+                // one); a prefetch never faults, so it may run past the panel and the matrix.
+                let mut off = 0;
+                while off < gb {
+                    _mm_prefetch::<_MM_HINT_T0>(gp.wrapping_add(prefetch + off).cast());
+                    off += 64;
+                }
+            }
             let sp = gp.add(quant_bytes);
             // Row `r`'s activations `4j .. 4j + 4` of this group in every dword.
             let bx = |r: usize, j: usize| {
@@ -560,16 +601,36 @@ unsafe fn qmat_rows<const BITS: u8, const HALVES: bool, const R: usize>(
                     unpack(h, j)
                 }
             };
-            let cvt = |p: *const u8| _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
+            // Column half `h`'s scales (or offsets) at `p`: as `avx512::qmat_rows` forms them.
+            let level = |p: *const u8, h: usize, sup: [__m256; 2]| {
+                if SUPERS {
+                    let l = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * h).cast()));
+                    _mm256_mul_ps(sup[h], _mm256_cvtepi32_ps(l))
+                } else {
+                    cvt(p.add(16 * h))
+                }
+            };
             // Scales and offsets of column half `h`, scale group `p`.
-            let scale = |h: usize, p: usize| {
-                let s = cvt(sp.add(32 * p + 16 * h));
+            let form = |h: usize, p: usize| {
+                let s = level(sp.add(16 * elem * p), h, sup_d);
                 let o = match neg_zero {
                     Some(z) => _mm256_mul_ps(s, z),
-                    None => cvt(sp.add(scale_bytes + 32 * p + 16 * h)),
+                    None => level(sp.add(scale_bytes + 16 * elem * p), h, sup_m),
                 };
                 (s, o)
             };
+            // Several row blocks would form them again, so they are formed once; one row
+            // block forms them where it needs them, which spills less.
+            let hoist = R > block;
+            let mut formed = [[(_mm256_setzero_ps(), _mm256_setzero_ps()); 2]; 2];
+            if hoist {
+                for (p, fp) in formed.iter_mut().enumerate().take(parts) {
+                    for (h, f) in fp.iter_mut().enumerate() {
+                        *f = form(h, p);
+                    }
+                }
+            }
+            let scale = |h: usize, p: usize| if hoist { formed[p][h] } else { form(h, p) };
             for rb in (0..R).step_by(block) {
                 let nb = block.min(R - rb);
                 for p in 0..parts {

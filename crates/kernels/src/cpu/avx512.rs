@@ -172,58 +172,75 @@ unsafe fn tile_rows<const R: usize, const KIND: u8, const P: usize>(t: &Tile, t1
 
 /// One panel of a [`crate::qmat::QMatrix`] against activation rows `r0 .. r0 + rows` into
 /// `tile[r]`: each group's quants are unpacked into eight zmm registers (16 columns × 4 `k`)
-/// once and multiplied with every row by `vpdpbusd`.
+/// once and multiplied with every row by `vpdpbusd`. With `prefetch > 0` each group first
+/// prefetches the lines that far ahead of it (see `qmat::PREFETCH_BYTES`).
 ///
 /// # Safety
 /// The CPU must support AVX-512F/BW/VL and VNNI, FMA and F16C; `panel` holds `acts.k / 32`
-/// groups of `gb` bytes laid out for (`bits`, `halves`, `zero`); `rows <= MR` and
+/// groups (and `acts.k / 256` headers with `sc.supers`) laid out for `sc`; `rows <= MR` and
 /// `r0 + rows <= acts.m`.
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn qmat_tile(
-    bits: u8,
-    halves: bool,
-    zero: Option<u8>,
-    gb: usize,
+    sc: crate::qmat::Scheme,
     panel: &[u8],
     acts: &crate::qmat::QActs,
     r0: usize,
     rows: usize,
+    prefetch: usize,
     tile: &mut [[f32; crate::qmat::PANEL]; crate::qmat::MR],
 ) {
-    debug_assert!(panel.len() == acts.k / 32 * gb && r0 + rows <= acts.m);
-    let args = (zero, gb, panel.as_ptr(), acts, r0);
+    let (gb, sb) = (sc.group_bytes(), sc.super_bytes());
+    debug_assert!(
+        panel.len() == acts.k / 32 * gb + acts.k / 256 * sb && r0 + rows <= acts.m,
+        "{sc:?}"
+    );
+    let args = (sc.zero, gb, sb, panel.as_ptr(), acts, r0, prefetch);
     macro_rules! by_rows {
-        ($b:literal, $h:literal) => {
+        ($b:literal, $h:literal, $s:literal) => {
             // SAFETY: forwarded from the caller.
             unsafe {
                 match rows {
-                    1 => qmat_rows::<$b, $h, 1>(args, tile),
-                    2 => qmat_rows::<$b, $h, 2>(args, tile),
-                    3 => qmat_rows::<$b, $h, 3>(args, tile),
-                    4 => qmat_rows::<$b, $h, 4>(args, tile),
-                    5 => qmat_rows::<$b, $h, 5>(args, tile),
-                    6 => qmat_rows::<$b, $h, 6>(args, tile),
-                    7 => qmat_rows::<$b, $h, 7>(args, tile),
-                    _ => qmat_rows::<$b, $h, 8>(args, tile),
+                    1 => qmat_rows::<$b, $h, $s, 1>(args, tile),
+                    2 => qmat_rows::<$b, $h, $s, 2>(args, tile),
+                    3 => qmat_rows::<$b, $h, $s, 3>(args, tile),
+                    4 => qmat_rows::<$b, $h, $s, 4>(args, tile),
+                    5 => qmat_rows::<$b, $h, $s, 5>(args, tile),
+                    6 => qmat_rows::<$b, $h, $s, 6>(args, tile),
+                    7 => qmat_rows::<$b, $h, $s, 7>(args, tile),
+                    _ => qmat_rows::<$b, $h, $s, 8>(args, tile),
                 }
             }
         };
     }
-    match (bits, halves) {
-        (4, false) => by_rows!(4, false),
-        (4, true) => by_rows!(4, true),
-        (5, false) => by_rows!(5, false),
-        (6, true) => by_rows!(6, true),
-        (8, false) => by_rows!(8, false),
-        other => unreachable!("no packed scheme {other:?}"),
+    match (sc.bits, sc.halves, sc.supers) {
+        (4, false, false) => by_rows!(4, false, false),
+        (4, false, true) => by_rows!(4, false, true),
+        (4, true, true) => by_rows!(4, true, true),
+        (5, false, false) => by_rows!(5, false, false),
+        (5, false, true) => by_rows!(5, false, true),
+        (6, true, true) => by_rows!(6, true, true),
+        (8, false, false) => by_rows!(8, false, false),
+        _ => unreachable!("no packed scheme {sc:?}"),
     }
 }
 
-type QmatArgs<'a> = (Option<u8>, usize, *const u8, &'a crate::qmat::QActs, usize);
+/// Zero point, group and header bytes, panel, activations, first row, prefetch distance.
+type QmatArgs<'a> = (
+    Option<u8>,
+    usize,
+    usize,
+    *const u8,
+    &'a crate::qmat::QActs,
+    usize,
+    usize,
+);
 
+/// `R` rows of one panel: a group's quants stay in eight zmm registers while every row passes.
+///
+/// # Safety
+/// As [`qmat_tile`]'s, with `R` rows of the scheme `BITS`/`HALVES`/`SUPERS` names.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn qmat_rows<const BITS: u8, const HALVES: bool, const R: usize>(
-    (zero, gb, panel, acts, r0): QmatArgs<'_>,
+unsafe fn qmat_rows<const BITS: u8, const HALVES: bool, const SUPERS: bool, const R: usize>(
+    (zero, gb, sb, panel, acts, r0, prefetch): QmatArgs<'_>,
     tile: &mut [[f32; crate::qmat::PANEL]; crate::qmat::MR],
 ) {
     let k = acts.k;
@@ -234,18 +251,44 @@ unsafe fn qmat_rows<const BITS: u8, const HALVES: bool, const R: usize>(
         6 => 384,
         _ => 512,
     };
-    let scale_bytes = if HALVES { 64 } else { 32 };
+    // A column's scale (or offset) is an f16, or an i8 under the block's super-scale.
+    let elem = if SUPERS { 1 } else { 2 };
+    let scale_bytes = elem * if HALVES { 32 } else { 16 };
     let lo = _mm512_set1_epi8(0x0F);
     let neg_zero = zero.map(|z| _mm512_set1_ps(-f32::from(z)));
     let mut acc = [_mm512_setzero_ps(); R];
+    // The block's super-scales and negated super-mins of the 16 columns.
+    let (mut sup_d, mut sup_m) = (_mm512_setzero_ps(), _mm512_setzero_ps());
     // SAFETY (whole body): every pointer below stays inside `panel` (k / 32 groups of `gb`
-    // bytes) or inside rows r0 .. r0 + R of `acts` (the caller's contract).
+    // bytes, with `SUPERS` k / 256 headers of `sb` bytes each before its 8 groups) or inside
+    // rows r0 .. r0 + R of `acts` (the caller's contract).
     unsafe {
         let xq = acts.q.as_ptr().add(r0 * k);
         let dx = acts.d.as_ptr().add(r0 * kd);
         let sums = acts.sums.as_ptr().add(r0 * ks);
+        let cvt = |p: *const u8| _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()));
         for g in 0..kd {
-            let gp = panel.add(g * gb);
+            let gp = if SUPERS {
+                let header = panel.add(g / 8 * (sb + 8 * gb));
+                if g % 8 == 0 {
+                    sup_d = cvt(header);
+                    if zero.is_none() {
+                        sup_m = cvt(header.add(32));
+                    }
+                }
+                header.add(sb + g % 8 * gb)
+            } else {
+                panel.add(g * gb)
+            };
+            if prefetch > 0 {
+                // Every line of the group `prefetch` bytes ahead (steps of a line reach each
+                // one); a prefetch never faults, so it may run past the panel and the matrix.
+                let mut off = 0;
+                while off < gb {
+                    _mm_prefetch::<_MM_HINT_T0>(gp.wrapping_add(prefetch + off).cast());
+                    off += 64;
+                }
+            }
             let mut w = [_mm512_setzero_si512(); 8];
             if BITS == 8 {
                 for (j, wj) in w.iter_mut().enumerate() {
@@ -267,17 +310,29 @@ unsafe fn qmat_rows<const BITS: u8, const HALVES: bool, const R: usize>(
                 }
             }
             let sp = gp.add(quant_bytes);
-            let cvt = |p: *const u8| _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()));
-            let s0 = cvt(sp);
-            let s1 = if HALVES { cvt(sp.add(32)) } else { s0 };
+            // Exact either way: an f16 times an integer of at most 8 bits fits an f32.
+            let level = |p: *const u8, sup: __m512| {
+                if SUPERS {
+                    let l = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast()));
+                    _mm512_mul_ps(sup, _mm512_cvtepi32_ps(l))
+                } else {
+                    cvt(p)
+                }
+            };
+            let s0 = level(sp, sup_d);
+            let s1 = if HALVES {
+                level(sp.add(16 * elem), sup_d)
+            } else {
+                s0
+            };
             let (o0, o1) = match neg_zero {
                 Some(z) => (_mm512_mul_ps(s0, z), _mm512_mul_ps(s1, z)),
                 None => {
-                    let o0 = cvt(sp.add(scale_bytes));
+                    let o0 = level(sp.add(scale_bytes), sup_m);
                     (
                         o0,
                         if HALVES {
-                            cvt(sp.add(scale_bytes + 32))
+                            level(sp.add(scale_bytes + 16 * elem), sup_m)
                         } else {
                             o0
                         },
