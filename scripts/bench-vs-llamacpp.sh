@@ -35,7 +35,7 @@ cargo build --release --locked -p ramole-cli >&2
 printf '%-40s %-9s %10s %10s %7s\n' model measure ramole llama.cpp ratio
 for m in "${models[@]}"; do
   name="$(basename "$m")"
-  file_mb=$(($(stat -c %s "$m") / 1000000))
+  file_mb=$(($(stat -L -c %s "$m") / 1000000))
   for p in 128 256 1500; do
     ours=$(RAYON_NUM_THREADS=$threads target/release/ramole bench model --base "$m" --prompt-tokens $p \
       --decode-tokens 64 --repeats 3 --batches 1 --batch-steps 2 --json)

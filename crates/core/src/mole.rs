@@ -274,7 +274,7 @@ pub struct MixDelta {
 }
 
 /// Multiply-adds of LoRA terms below which a step computes them on the calling thread.
-const PAR_MIN_WORK: usize = 1 << 20;
+const PAR_MIN_WORK: usize = 1 << 14;
 
 /// Identity of a shared value, for grouping.
 fn key<T>(a: &Arc<T>) -> usize {
@@ -353,7 +353,12 @@ impl MixDelta {
                 fused += m.bytes();
             }
         }
-        let union = fused + self.union.iter().map(|a| a.bytes()).sum::<usize>();
+        // The union reads the rows' compiled copies: adapters' f32 bytes at that precision.
+        let per = match self.rows.iter().flatten().next().map(|m| m.precision) {
+            Some(Precision::Bf16) => 2,
+            _ => 4,
+        };
+        let union = fused + self.union.iter().map(|a| a.bytes()).sum::<usize>() / 4 * per;
         (gather, union)
     }
 
@@ -363,12 +368,24 @@ impl MixDelta {
     /// do not depend on its neighbours in the batch or on how its prompt was split into steps
     /// (a last-bit difference would otherwise flip the base kernel's int8 rounding of the next
     /// activation, and then a greedy token).
-    fn delta_fast(
+    /// The output width of `site`, if any row has a term there.
+    fn site_out(&self, site: Site) -> Option<usize> {
+        self.rows
+            .iter()
+            .flatten()
+            .find_map(|m| m.sites.get(&site).and_then(|t| t.first()))
+            .map(|p| p.out)
+    }
+
+    /// Adds the terms into `y` `[n, out]`; `false` where `x` is not f32 in CPU memory (the
+    /// caller then takes the reference).
+    fn add_fast(
         &self,
         site: Site,
         x: &Tensor,
         spans: &[RowSpan],
-    ) -> candle_core::Result<Option<Tensor>> {
+        y: &mut [f32],
+    ) -> candle_core::Result<bool> {
         let union_here: Vec<(usize, &crate::adapter::LoraFactors)> = match self.strategy {
             Strategy::Gather => Vec::new(),
             Strategy::Union => self
@@ -378,29 +395,23 @@ impl MixDelta {
                 .filter_map(|(j, a)| a.factors(site).map(|f| (j, f)))
                 .collect(),
         };
-        let out = self
-            .rows
-            .iter()
-            .flatten()
-            .find_map(|m| m.sites.get(&site).and_then(|t| t.first()))
-            .map(|p| p.out);
-        let Some(out) = out else {
-            return Ok(None);
+        let Some(out) = self.site_out(site) else {
+            return Ok(true);
         };
         let inp = x.dim(1)?;
         let n = x.dim(0)?;
+        if y.len() != n * out {
+            candle_core::bail!("a LoRA term into {} values, {n} x {out} needed", y.len());
+        }
         let x = x.contiguous()?;
         let Some(xr) = Raw::of(&x) else {
-            return self.reference_delta(site, &x, spans);
+            return Ok(false);
         };
         let xs = xr.slice();
-        // Work items: each reads one term's factors (a compiled term, or one union adapter) for
-        // the tokens of the rows it serves; `slots[i]` lists (position in row i's sum, item).
-        enum Factors<'a> {
-            Compiled(&'a SitePair),
-            Adapter(&'a crate::adapter::LoraFactors),
-        }
-        let mut items: Vec<(Factors<'_>, Vec<(usize, f32)>)> = Vec::new();
+        // Work items: each reads one term's factors (a group's compiled term, or one union
+        // adapter) for the tokens of the rows it serves, each row with its scale; `slots[i]`
+        // lists (position in row i's sum, item).
+        let mut items: Vec<(&SitePair, Vec<(usize, f32)>)> = Vec::new();
         let mut slots: Vec<Vec<(usize, usize)>> = vec![Vec::new(); spans.len()];
         for g in &self.mapping.groups {
             let m = self.rows[g.rows[0]]
@@ -413,15 +424,13 @@ impl MixDelta {
                 for &i in &g.rows {
                     slots[i].push((pos, items.len()));
                 }
-                items.push((
-                    Factors::Compiled(p),
-                    g.rows.iter().map(|&i| (i, p.scale)).collect(),
-                ));
+                items.push((p, g.rows.iter().map(|&i| (i, p.scale)).collect()));
             }
         }
         for (j, f) in &union_here {
             let adapter = &self.union[*j];
             let mut rows = Vec::new();
+            let mut factors = None;
             for (i, slot) in slots.iter_mut().enumerate() {
                 let g = self.mapping.mapping[i][*j];
                 if g <= 0.0 {
@@ -435,25 +444,21 @@ impl MixDelta {
                     .filter(|(a, _)| a.factors(site).is_some())
                     .position(|(a, _)| Arc::ptr_eq(a, adapter))
                     .expect("a union adapter with a gate is one of the row's parts");
+                // Every row holds this adapter's factors unscaled in one precision: read the
+                // first row's copy for all of them, each with its own gate.
+                factors.get_or_insert(&m.sites[&site][pos]);
                 slot.push((pos, items.len()));
                 rows.push((i, g * f.scale));
             }
-            if !rows.is_empty() {
-                items.push((Factors::Adapter(f), rows));
+            if let Some(p) = factors {
+                items.push((p, rows));
             }
         }
         if items.is_empty() {
-            return Ok(None);
+            return Ok(true);
         }
-        let factor_views: Vec<_> = items
-            .iter()
-            .map(|(it, _)| match it {
-                Factors::Adapter(f) => Raw::of(&f.a).zip(Raw::of(&f.b_t)),
-                Factors::Compiled(_) => None,
-            })
-            .collect();
         let term = |it: usize| {
-            let ((factors, rows), view) = (&items[it], &factor_views[it]);
+            let (p, rows) = &items[it];
             let mut xg = Vec::new();
             let mut scales = Vec::new();
             for &(i, s) in rows {
@@ -462,30 +467,15 @@ impl MixDelta {
                 scales.extend(std::iter::repeat_n(s, sp.len));
             }
             let mut y = vec![0f32; scales.len() * out];
-            match factors {
-                Factors::Compiled(p) => p.apply(&xg, &scales, &mut y),
-                Factors::Adapter(f) => {
-                    let (a, b_t) = view.as_ref().expect("adapter factors are on the CPU");
-                    let shape = LowRank {
-                        rank: f.rank(),
-                        inp,
-                        out,
-                    };
-                    shape.apply(a.slice(), b_t.slice(), &xg, Some(&scales), &mut y);
-                }
-            }
+            p.apply(&xg, &scales, &mut y);
             y
         };
         // A decode step's terms are a few microseconds each: handing them to the pool costs
         // more than computing them here.
         let work: usize = items
             .iter()
-            .map(|(f, rows)| {
-                let rank = match f {
-                    Factors::Compiled(p) => p.rank,
-                    Factors::Adapter(f) => f.rank(),
-                };
-                rows.iter().map(|&(i, _)| spans[i].len).sum::<usize>() * rank * (inp + out)
+            .map(|(p, rows)| {
+                rows.iter().map(|&(i, _)| spans[i].len).sum::<usize>() * p.rank * (inp + out)
             })
             .sum();
         let terms: Vec<Vec<f32>> = if work < PAR_MIN_WORK {
@@ -504,7 +494,6 @@ impl MixDelta {
             }
             at.push(offs);
         }
-        let mut y = vec![0f32; n * out];
         for (i, slot) in slots.iter_mut().enumerate() {
             slot.sort_unstable();
             let s = spans[i];
@@ -516,7 +505,7 @@ impl MixDelta {
                 }
             }
         }
-        Tensor::from_vec(y, (n, out), x.device()).map(Some)
+        Ok(true)
     }
 
     /// The paper's union form with candle ops (ramole-paper.md section 3): for every adapter of
@@ -634,7 +623,34 @@ impl SiteDelta for MixDelta {
         x: &Tensor,
         rows: &[RowSpan],
     ) -> candle_core::Result<Option<Tensor>> {
-        self.delta_fast(site, x, rows)
+        let Some(out) = self.site_out(site) else {
+            return Ok(None);
+        };
+        let n = x.dim(0)?;
+        let mut y = vec![0f32; n * out];
+        if self.add_fast(site, x, rows, &mut y)? {
+            Tensor::from_vec(y, (n, out), x.device()).map(Some)
+        } else {
+            self.reference_delta(site, x, rows)
+        }
+    }
+
+    fn add_into(
+        &self,
+        site: Site,
+        x: &Tensor,
+        rows: &[RowSpan],
+        y: &mut [f32],
+    ) -> candle_core::Result<()> {
+        if !self.add_fast(site, x, rows, y)?
+            && let Some(d) = self.reference_delta(site, x, rows)?
+        {
+            let d: Vec<f32> = d.flatten_all()?.to_vec1()?;
+            for (a, b) in y.iter_mut().zip(d) {
+                *a += b;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -215,7 +215,11 @@ fn sequential(
             .iter()
             .map(|a| Ok((Arc::new(LoraAdapter::load(&a.dir, &model.decoder)?), a.gate)))
             .collect::<Result<Vec<_>>>()?;
-        let delta = MixDelta::single(Some(Arc::new(CompiledMix::new(Plan::Mixture, &parts)?)));
+        let delta = MixDelta::single(Some(Arc::new(CompiledMix::with_precision(
+            Plan::Mixture,
+            &parts,
+            EngineConfig::default().precision,
+        )?)));
         let g = generate(model, &r.prompt, params, &delta, &mut |_| {})?;
         steps += (g.generated_tokens - 1) as f64;
         secs += g.timings.decode_s;

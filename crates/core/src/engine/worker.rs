@@ -533,4 +533,18 @@ impl crate::model::SiteDelta for StepDelta<'_> {
         }
         Ok(sum)
     }
+
+    fn add_into(
+        &self,
+        site: crate::model::Site,
+        x: &candle_core::Tensor,
+        rows: &[crate::batch::RowSpan],
+        y: &mut [f32],
+    ) -> candle_core::Result<()> {
+        self.mix.add_into(site, x, rows, y)?;
+        for r in self.routed {
+            r.add_into(site, x, rows, y)?;
+        }
+        Ok(())
+    }
 }

@@ -93,6 +93,25 @@ pub trait SiteDelta: Sync {
         x: &Tensor,
         rows: &[RowSpan],
     ) -> candle_core::Result<Option<Tensor>>;
+
+    /// Adds the same term into `y` (`[n_tokens, out_features]` row-major, on the CPU). A decode
+    /// step calls this ~200 times: implementations that write in place spare a tensor and an
+    /// addition each time.
+    fn add_into(
+        &self,
+        site: Site,
+        x: &Tensor,
+        rows: &[RowSpan],
+        y: &mut [f32],
+    ) -> candle_core::Result<()> {
+        if let Some(d) = self.delta(site, x, rows)? {
+            let d: Vec<f32> = d.flatten_all()?.to_vec1()?;
+            for (a, b) in y.iter_mut().zip(d) {
+                *a += b;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The base model alone.
@@ -256,6 +275,10 @@ impl Linear {
         rows: &[RowSpan],
         delta: &dyn SiteDelta,
     ) -> candle_core::Result<Tensor> {
+        if matches!(self.weight, LinearWeight::Packed(_)) && !x.track_op() {
+            let [y] = Self::forward_many([self], x, rows, delta)?;
+            return Ok(y);
+        }
         let mut y = self.forward_rows(x, rows)?;
         if let Some(site) = self.site
             && let Some(d) = delta.delta(site, x, rows)?
@@ -304,17 +327,15 @@ impl Linear {
         }
         let mut ys = ys.into_iter();
         try_array(linears.map(|l| {
-            let y = ys.next().expect("one output per linear");
-            let mut y = Tensor::from_vec(y, (m, l.out_features), x.device())?;
-            if let Some(b) = &l.bias {
-                y = y.broadcast_add(b)?;
+            let mut y = ys.next().expect("one output per linear");
+            if let Some(site) = l.site {
+                delta.add_into(site, &x, rows, &mut y)?;
             }
-            if let Some(site) = l.site
-                && let Some(d) = delta.delta(site, &x, rows)?
-            {
-                y = (y + d)?;
+            let y = Tensor::from_vec(y, (m, l.out_features), x.device())?;
+            match &l.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
             }
-            Ok(y)
         }))
     }
 

@@ -83,7 +83,12 @@ fn alone(f: &Fixture, j: &Job) -> Generation {
             )
         })
         .collect();
-    let mix = (!parts.is_empty()).then(|| Arc::new(CompiledMix::new(j.mix.plan, &parts).unwrap()));
+    let mix = (!parts.is_empty()).then(|| {
+        Arc::new(
+            CompiledMix::with_precision(j.mix.plan, &parts, EngineConfig::default().precision)
+                .unwrap(),
+        )
+    });
     generate(
         &f.model,
         &j.prompt,

@@ -400,7 +400,8 @@ fn engine_router_rows_match_generate_alone_and_record_gates() {
         } else {
             let parts: Vec<_> = adapters.iter().map(|a| (a.clone(), 0.5)).collect();
             let d = MixDelta::single(Some(Arc::new(
-                CompiledMix::new(j.mix.plan, &parts).unwrap(),
+                CompiledMix::with_precision(j.mix.plan, &parts, EngineConfig::default().precision)
+                    .unwrap(),
             )));
             generate(&f.model, &j.prompt, &j.params, &d, &mut |_| {}).unwrap()
         };

@@ -186,7 +186,12 @@ fn plans_pick_the_protocols_adapters_and_batched_answers_equal_alone() {
                 Box::new(NoDelta)
             } else {
                 Box::new(MixDelta::single(Some(Arc::new(
-                    CompiledMix::new(mix_plan, &parts).unwrap(),
+                    CompiledMix::with_precision(
+                        mix_plan,
+                        &parts,
+                        EngineConfig::default().precision,
+                    )
+                    .unwrap(),
                 ))))
             };
             let prompt = model
