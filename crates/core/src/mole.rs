@@ -645,10 +645,7 @@ impl SiteDelta for MixDelta {
         if !self.add_fast(site, x, rows, y)?
             && let Some(d) = self.reference_delta(site, x, rows)?
         {
-            let d: Vec<f32> = d.flatten_all()?.to_vec1()?;
-            for (a, b) in y.iter_mut().zip(d) {
-                *a += b;
-            }
+            crate::model::add_tensor(y, &d)?;
         }
         Ok(())
     }

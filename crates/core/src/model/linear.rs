@@ -104,14 +104,23 @@ pub trait SiteDelta: Sync {
         rows: &[RowSpan],
         y: &mut [f32],
     ) -> candle_core::Result<()> {
-        if let Some(d) = self.delta(site, x, rows)? {
-            let d: Vec<f32> = d.flatten_all()?.to_vec1()?;
-            for (a, b) in y.iter_mut().zip(d) {
-                *a += b;
-            }
+        match self.delta(site, x, rows)? {
+            Some(d) => add_tensor(y, &d),
+            None => Ok(()),
         }
-        Ok(())
     }
+}
+
+/// `y += d` for a term `d` of `y`'s shape, as computed by [`SiteDelta::delta`].
+pub(crate) fn add_tensor(y: &mut [f32], d: &Tensor) -> candle_core::Result<()> {
+    let d: Vec<f32> = d.flatten_all()?.to_vec1()?;
+    if d.len() != y.len() {
+        candle_core::bail!("a term of {} values added to {}", d.len(), y.len());
+    }
+    for (a, b) in y.iter_mut().zip(d) {
+        *a += b;
+    }
+    Ok(())
 }
 
 /// The base model alone.

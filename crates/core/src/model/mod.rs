@@ -21,6 +21,7 @@ pub use cache::SeqCache;
 pub use config::{Arch, ModelConfig, RopeScaling, RopeStyle};
 pub use decoder::{Decoder, LogitsAt, QuantLayout, RowInput};
 pub use generate::{Decoding, GenerateParams, Generation, Next, Timings, check_request, generate};
+pub(crate) use linear::add_tensor;
 pub use linear::{
     DENSE_PREFILL_MIN_ROWS, Linear, LinearWeight, NoDelta, QuantKernel, Site, SiteDelta, SiteKind,
 };
