@@ -3,11 +3,15 @@
 //! low-rank term the decoder adds at every LoRA site (gathered per mixture, or the paper's union
 //! form). No I/O: adapters come in loaded, gates come in as numbers.
 //!
-//! A row's plan is compiled once per request into one low-rank pair per site:
-//! - `mixture`: `A = [A_1; ...; A_k]` (ranks stacked), `B = [g_1 s_1 B_1, ..., g_k s_k B_k]`, so
-//!   `B (A x) = sum_j g_j s_j B_j (A_j x)` exactly, whatever the ranks;
-//! - `fusion`: `A = sum_j g_j A_j`, `B = sum_j g_j s_j B_j` (parameter averaging; equal ranks);
-//! - `selection`: one adapter, `B = g s B_1`.
+//! A row's plan is compiled once per request into its low-rank terms per site:
+//! - `mixture`: one term per adapter, `g_j s_j B_j (A_j x)`, summed in the row's order;
+//! - `fusion`: one term, `A = sum_j g_j A_j`, `B = sum_j g_j s_j B_j` (parameter averaging; equal
+//!   ranks);
+//! - `selection`: one adapter, `g s B_1 (A_1 x)`.
+//!
+//! Every token's term goes through the same loop in the same order whatever its batch, strategy
+//! or step (see [`MixDelta`]), so batched rows and prefix-cached prompts give the numbers of the
+//! request alone.
 //!
 //! `router` rows are not compiled here: their gates are computed per token at every site by the
 //! RouterLoRA (`router`), and the engine holds either kind of row (`engine::RowMix`).
