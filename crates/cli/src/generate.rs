@@ -24,9 +24,10 @@ pub(crate) struct AdapterArgs {
     /// none | selection | mixture | fusion (default: mixture with adapters, none without).
     #[arg(long)]
     plan: Option<String>,
-    /// How the per-request mixture holds its factors: f32 (exact) or bf16 (half the bytes per
-    /// decode step; the math stays f32).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    /// How the per-request mixture holds its factors: f32 (exact), bf16 (half the bytes per
+    /// decode step; the math stays f32) or int8 (a quarter; `A x` in the quantized base
+    /// kernel's pass, as the engine runs it).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "int8"])]
     lora_precision: String,
 }
 
@@ -54,10 +55,7 @@ impl AdapterArgs {
             }));
             loaded.push((Arc::new(adapter), gate));
         }
-        let precision = match self.lora_precision.as_str() {
-            "bf16" => Precision::Bf16,
-            _ => Precision::F32,
-        };
+        let precision: Precision = self.lora_precision.parse()?;
         let mix = CompiledMix::with_precision(plan, &loaded, precision)?;
         if plan == Plan::None {
             listed.clear();

@@ -22,7 +22,9 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use ramole_kernels::lowrank::LowRank;
+use ramole_kernels::Isa;
+use ramole_kernels::lowrank::{LowRank, QROWS_BLOCK, QRows};
+use ramole_kernels::qmat::{QActs, QMatrix};
 
 use crate::adapter::LoraAdapter;
 use crate::batch::RowSpan;
@@ -56,14 +58,35 @@ pub fn check_gates(gates: &[f32]) -> Result<(), MoleError> {
     Ok(())
 }
 
-/// How a compiled mixture holds its factors. The math always runs in f32; bf16 halves the bytes
-/// that every decode step streams (adapter bytes dominate LoRA's cost on a quantized base).
+/// How a compiled mixture holds its factors. bf16 halves the bytes every decode step streams,
+/// int8 quarters them and moves `A x` into the quantized base kernel's own pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
     /// Exact: what the parity tests check.
     #[default]
     F32,
+    /// f32 arithmetic on bf16 factors.
     Bf16,
+    /// `A` stacked per layer input into a Q8_0 matrix multiplied with the base kernel's int8
+    /// activations (`qmat`, in the base product's pass where the base is packed), `B` in int8
+    /// per 32 values (`QRows`), scales in f32. Sites whose widths are not multiples of 32
+    /// keep bf16 factors.
+    Int8,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = MoleError;
+
+    fn from_str(s: &str) -> Result<Self, MoleError> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            "int8" => Ok(Precision::Int8),
+            _ => Err(MoleError::Plan(format!(
+                "LoRA precision {s:?}: expected f32, bf16 or int8"
+            ))),
+        }
+    }
 }
 
 /// Factor values as stored.
@@ -76,7 +99,16 @@ impl Values {
     fn new(v: Vec<f32>, p: Precision) -> Self {
         match p {
             Precision::F32 => Values::F32(v),
-            Precision::Bf16 => Values::Bf16(v.into_iter().map(half::bf16::from_f32).collect()),
+            Precision::Bf16 | Precision::Int8 => {
+                Values::Bf16(v.into_iter().map(half::bf16::from_f32).collect())
+            }
+        }
+    }
+
+    fn f32(&self) -> Option<&[f32]> {
+        match self {
+            Values::F32(v) => Some(v),
+            Values::Bf16(_) => None,
         }
     }
 }
@@ -118,12 +150,69 @@ impl SitePair {
     }
 }
 
+/// The int8 terms of the sites of one layer that read one input (`SiteKind::input`): every
+/// term's `A` rows stacked into one Q8_0 matrix, multiplied with the base product's quantized
+/// activations in its pass.
+struct Int8Pass {
+    /// `[Σ rows, in]`.
+    a: QMatrix,
+    sites: Vec<Int8Site>,
+}
+
+/// One site's share of an [`Int8Pass`].
+struct Int8Site {
+    site: Site,
+    /// First row of its terms in the pass's `a`.
+    offset: usize,
+    /// The terms' `B` transposed, `[rows, out]`, term after term in the row's order.
+    b: QRows,
+    /// The scale of each row's term (gate times LoRA scale; 1 for fusion).
+    scales: Vec<f32>,
+}
+
+/// One token's int8 term at one site, over a run of its columns.
+struct Int8Job<'a> {
+    site: &'a Int8Site,
+    /// The token's row of its pass product (`[pass rows]`).
+    mid: &'a [f32],
+    /// The token's output columns from block `first` on.
+    y: &'a mut [f32],
+    first: usize,
+}
+
+impl Int8Job<'_> {
+    fn run(self, isa: Isa) {
+        let s = self.site;
+        let mid = &self.mid[s.offset..][..s.b.rows()];
+        let c: Vec<f32> = mid.iter().zip(&s.scales).map(|(m, sc)| sc * m).collect();
+        s.b.add_combination(isa, &c, self.y, self.first);
+    }
+}
+
+/// Where the int8 pass products come from.
+enum Mids<'a> {
+    /// Computed by the base product's pass ([`SiteDelta::packed_a`]'s order).
+    Given(&'a [Vec<f32>]),
+    /// To compute from these activations, quantized as the base kernel quantizes them.
+    From(&'a [f32]),
+}
+
+/// A site with its exact terms, before they are stacked into an [`Int8Pass`].
+type SiteTerms = (Site, Vec<SitePair>);
+
+/// Key of a layer's input: (layer, `SiteKind::input`).
+fn input_of(site: Site) -> (usize, u8) {
+    (site.layer, site.kind.input())
+}
+
 /// A row's plan compiled into its low-rank terms per site.
 pub struct CompiledMix {
     plan: Plan,
     precision: Precision,
     /// Per site, the terms in the order of `parts` (sum plans) or the one averaged term.
     sites: BTreeMap<Site, Vec<SitePair>>,
+    /// At `Precision::Int8`, the int8 terms per layer input (their sites are not in `sites`).
+    passes: BTreeMap<(usize, u8), Int8Pass>,
     /// The adapters (gate > 0) it was compiled from, for the union form and provenance.
     parts: Vec<(Arc<LoraAdapter>, f32)>,
 }
@@ -187,7 +276,13 @@ impl CompiledMix {
             }
         }
         let mut sites = BTreeMap::new();
+        // Int8 terms are built from exact f32 pairs, then stacked per layer input.
+        let mut int8: BTreeMap<(usize, u8), Vec<SiteTerms>> = BTreeMap::new();
         for (site, parts) in by_site {
+            let held = match precision {
+                Precision::Int8 => Precision::F32,
+                p => p,
+            };
             let pair = |a: Tensor, b_t: Tensor, scale: f32| -> candle_core::Result<SitePair> {
                 let (rank, inp) = a.dims2()?;
                 Ok(SitePair {
@@ -195,8 +290,8 @@ impl CompiledMix {
                     inp,
                     out: b_t.dim(1)?,
                     scale,
-                    a: Values::new(a.flatten_all()?.to_vec1()?, precision),
-                    b_t: Values::new(b_t.flatten_all()?.to_vec1()?, precision),
+                    a: Values::new(a.flatten_all()?.to_vec1()?, held),
+                    b_t: Values::new(b_t.flatten_all()?.to_vec1()?, held),
                 })
             };
             let terms = match plan {
@@ -214,16 +309,86 @@ impl CompiledMix {
                 _ => parts
                     .iter()
                     .map(|(f, g)| pair(f.a.clone(), f.b_t.clone(), g * f.scale))
-                    .collect::<candle_core::Result<_>>()?,
+                    .collect::<candle_core::Result<Vec<_>>>()?,
             };
-            sites.insert(site, terms);
+            let aligned = terms.iter().all(|p| {
+                p.inp.is_multiple_of(ramole_kernels::qmat::GROUP)
+                    && p.out.is_multiple_of(QROWS_BLOCK)
+            });
+            match precision {
+                Precision::Int8 if aligned => {
+                    int8.entry(input_of(site)).or_default().push((site, terms))
+                }
+                // Widths the int8 kernels do not take: bf16, as `Values::new` holds them.
+                Precision::Int8 => {
+                    let terms = terms
+                        .into_iter()
+                        .map(|p| SitePair {
+                            a: Values::new(p.a.f32().expect("held in f32").to_vec(), precision),
+                            b_t: Values::new(p.b_t.f32().expect("held in f32").to_vec(), precision),
+                            ..p
+                        })
+                        .collect();
+                    sites.insert(site, terms);
+                }
+                _ => {
+                    sites.insert(site, terms);
+                }
+            }
         }
+        let passes = int8
+            .into_iter()
+            .map(|(key, group)| Ok((key, Self::stack(group)?)))
+            .collect::<Result<_, MoleError>>()?;
         Ok(Self {
             plan,
             precision,
             sites,
+            passes,
             parts: live,
         })
+    }
+
+    /// The int8 pass of one layer input from its sites' exact terms.
+    fn stack(group: Vec<SiteTerms>) -> Result<Int8Pass, MoleError> {
+        let inp = group[0].1[0].inp;
+        let mut a = Vec::new();
+        let mut sites = Vec::new();
+        let mut offset = 0;
+        for (site, terms) in group {
+            let rank: usize = terms.iter().map(|p| p.rank).sum();
+            let out = terms[0].out;
+            let mut b = Vec::with_capacity(rank * out);
+            let mut scales = Vec::with_capacity(rank);
+            for p in &terms {
+                a.extend_from_slice(p.a.f32().expect("held in f32"));
+                b.extend_from_slice(p.b_t.f32().expect("held in f32"));
+                scales.extend(std::iter::repeat_n(p.scale, p.rank));
+            }
+            sites.push(Int8Site {
+                site,
+                offset,
+                b: QRows::quantize(&b, rank, out),
+                scales,
+            });
+            offset += rank;
+        }
+        let a = QMatrix::quantize_q8_0(&a, offset, inp)
+            .map_err(|e| MoleError::Plan(format!("int8 factors: {e}")))?;
+        Ok(Int8Pass { a, sites })
+    }
+
+    /// The output width of `site`, if the mix has a term there.
+    fn out_at(&self, site: Site) -> Option<usize> {
+        if let Some(p) = self.sites.get(&site).and_then(|t| t.first()) {
+            return Some(p.out);
+        }
+        self.passes
+            .get(&input_of(site))?
+            .sites
+            .iter()
+            .find(|s| s.site == site)
+            .map(|s| s.b.cols())
     }
 
     pub fn plan(&self) -> Plan {
@@ -231,7 +396,7 @@ impl CompiledMix {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.sites.is_empty()
+        self.sites.is_empty() && self.passes.is_empty()
     }
 
     /// The adapters it applies, with their gates.
@@ -241,7 +406,13 @@ impl CompiledMix {
 
     /// Bytes a decode step reads from it.
     pub fn bytes(&self) -> usize {
-        self.sites
+        let int8: usize = self
+            .passes
+            .values()
+            .map(|p| p.a.bytes() + p.sites.iter().map(|s| s.b.bytes()).sum::<usize>())
+            .sum();
+        int8 + self
+            .sites
             .values()
             .flatten()
             .map(SitePair::bytes)
@@ -275,6 +446,8 @@ pub struct MixDelta {
     /// The adapters of `mapping.union`, in its order.
     union: Vec<Arc<LoraAdapter>>,
     strategy: Strategy,
+    /// Whether any row holds terms outside int8 passes.
+    pairs: bool,
 }
 
 /// Multiply-adds of LoRA terms below which a step computes them on the calling thread.
@@ -309,11 +482,13 @@ impl MixDelta {
             }
         }
         let union = mapping.union.iter().map(|k| by_key[k].clone()).collect();
+        let pairs = rows.iter().flatten().any(|m| !m.sites.is_empty());
         let mut d = Self {
             rows,
             mapping,
             union,
             strategy: Strategy::Gather,
+            pairs,
         };
         let (gather, union) = d.estimate();
         // The union form reads the adapters' own f32 factors: only rows compiled in f32 get
@@ -360,6 +535,7 @@ impl MixDelta {
         // The union reads the rows' compiled copies: adapters' f32 bytes at that precision.
         let per = match self.rows.iter().flatten().next().map(|m| m.precision) {
             Some(Precision::Bf16) => 2,
+            Some(Precision::Int8) => 1,
             _ => 4,
         };
         let union = fused + self.union.iter().map(|a| a.bytes()).sum::<usize>() / 4 * per;
@@ -374,11 +550,92 @@ impl MixDelta {
     /// activation, and then a greedy token).
     /// The output width of `site`, if any row has a term there.
     fn site_out(&self, site: Site) -> Option<usize> {
-        self.rows
-            .iter()
-            .flatten()
-            .find_map(|m| m.sites.get(&site).and_then(|t| t.first()))
-            .map(|p| p.out)
+        self.rows.iter().flatten().find_map(|m| m.out_at(site))
+    }
+
+    /// The groups of rows whose mixture holds an int8 pass for `key`, with it, in the order of
+    /// `mapping.groups` (the order of [`SiteDelta::packed_a`]'s matrices).
+    fn int8_groups(
+        &self,
+        key: (usize, u8),
+    ) -> impl Iterator<Item = (&crate::batch::Group, &Int8Pass)> {
+        self.mapping.groups.iter().filter_map(move |g| {
+            let m = self.rows[g.rows[0]].as_ref()?;
+            Some((g, m.passes.get(&key)?))
+        })
+    }
+
+    /// Adds the int8 terms at `sites` (sites of one layer input) into `ys[i]` (`[n, out_i]`).
+    /// Each token's term runs in one fixed order, so how tokens and columns are split between
+    /// threads, steps or rows changes no bit.
+    fn add_int8(&self, sites: &[Site], spans: &[RowSpan], mids: Mids<'_>, ys: &mut [&mut [f32]]) {
+        let Some(&first) = sites.first() else {
+            return;
+        };
+        let key = input_of(first);
+        if self.int8_groups(key).next().is_none() {
+            return;
+        }
+        let isa = Isa::detect();
+        let n = spans.iter().map(|s| s.start + s.len).max().unwrap_or(0);
+        let computed: Vec<Vec<f32>>;
+        let mids: &[Vec<f32>] = match mids {
+            Mids::Given(m) => m,
+            Mids::From(xs) => {
+                let k = xs.len() / n.max(1);
+                let acts = QActs::quantize(&xs[..n * k], n, k);
+                computed = self
+                    .int8_groups(key)
+                    .map(|(_, pass)| {
+                        let mut o = vec![0f32; n * pass.a.rows()];
+                        pass.a.matmul(isa, &acts, &mut o);
+                        o
+                    })
+                    .collect();
+                &computed
+            }
+        };
+        let mut jobs: Vec<Int8Job<'_>> = Vec::new();
+        let mut work = 0;
+        for (&site, y) in sites.iter().zip(ys.iter_mut()) {
+            let Some(out) = self.site_out(site) else {
+                continue;
+            };
+            let mut tokens: Vec<Option<&mut [f32]>> = y.chunks_mut(out).map(Some).collect();
+            for ((g, pass), mid) in self.int8_groups(key).zip(mids) {
+                let Some(s8) = pass.sites.iter().find(|s| s.site == site) else {
+                    continue;
+                };
+                let rows = pass.a.rows();
+                for &i in &g.rows {
+                    let sp = spans[i];
+                    for t in sp.start..sp.start + sp.len {
+                        let y = tokens[t].take().expect("a token belongs to one row");
+                        let mid = &mid[t * rows..(t + 1) * rows];
+                        work += s8.b.rows() * out;
+                        // Two column halves: a decode step's term is split over two threads.
+                        let half = out.div_ceil(QROWS_BLOCK) / 2;
+                        let (l, r) = y.split_at_mut(half * QROWS_BLOCK);
+                        for (y, first) in [(l, 0), (r, half)] {
+                            if !y.is_empty() {
+                                jobs.push(Int8Job {
+                                    site: s8,
+                                    mid,
+                                    y,
+                                    first,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // A pool hand-off costs a few microseconds: worth it from about 32K values.
+        if work < PAR_MIN_WORK * 2 {
+            jobs.into_iter().for_each(|j| j.run(isa));
+        } else {
+            jobs.into_par_iter().for_each(|j| j.run(isa));
+        }
     }
 
     /// Adds the terms into `y` `[n, out]`; `false` where `x` is not f32 in CPU memory (the
@@ -388,6 +645,7 @@ impl MixDelta {
         site: Site,
         x: &Tensor,
         spans: &[RowSpan],
+        int8: bool,
         y: &mut [f32],
     ) -> candle_core::Result<bool> {
         let union_here: Vec<(usize, &crate::adapter::LoraFactors)> = match self.strategy {
@@ -412,6 +670,9 @@ impl MixDelta {
             return Ok(false);
         };
         let xs = xr.slice();
+        if int8 {
+            self.add_int8(&[site], spans, Mids::From(xs), &mut [&mut *y]);
+        }
         // Work items: each reads one term's factors (a group's compiled term, or one union
         // adapter) for the tokens of the rows it serves, each row with its scale; `slots[i]`
         // lists (position in row i's sum, item).
@@ -632,7 +893,7 @@ impl SiteDelta for MixDelta {
         };
         let n = x.dim(0)?;
         let mut y = vec![0f32; n * out];
-        if self.add_fast(site, x, rows, &mut y)? {
+        if self.add_fast(site, x, rows, true, &mut y)? {
             Tensor::from_vec(y, (n, out), x.device()).map(Some)
         } else {
             self.reference_delta(site, x, rows)
@@ -646,10 +907,46 @@ impl SiteDelta for MixDelta {
         rows: &[RowSpan],
         y: &mut [f32],
     ) -> candle_core::Result<()> {
-        if !self.add_fast(site, x, rows, y)?
+        if !self.add_fast(site, x, rows, true, y)?
             && let Some(d) = self.reference_delta(site, x, rows)?
         {
             crate::model::add_tensor(y, &d)?;
+        }
+        Ok(())
+    }
+
+    fn packed_a(&self, sites: &[Site]) -> Vec<&QMatrix> {
+        let Some(&first) = sites.first() else {
+            return Vec::new();
+        };
+        let key = input_of(first);
+        if sites.iter().any(|&s| input_of(s) != key) {
+            return Vec::new();
+        }
+        self.int8_groups(key).map(|(_, pass)| &pass.a).collect()
+    }
+
+    fn add_packed(
+        &self,
+        sites: &[Site],
+        x: &Tensor,
+        a_out: &[Vec<f32>],
+        rows: &[RowSpan],
+        ys: &mut [&mut [f32]],
+    ) -> candle_core::Result<()> {
+        let given = !a_out.is_empty();
+        if given {
+            self.add_int8(sites, rows, Mids::Given(a_out), ys);
+            if !self.pairs {
+                return Ok(());
+            }
+        }
+        for (&site, y) in sites.iter().zip(ys.iter_mut()) {
+            if !self.add_fast(site, x, rows, !given, y)?
+                && let Some(d) = self.reference_delta(site, x, rows)?
+            {
+                crate::model::add_tensor(y, &d)?;
+            }
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! The LoRA decode loops: `y_t += s_t B (A x_t)` for the few tokens of a decode step, and the
 //! dot product they (and the router's and the index's loops) are built from. Factors are f32 or
-//! bf16 ([`Elem`]); the arithmetic is f32.
+//! bf16 ([`Elem`]); the arithmetic is f32. [`QRows`] holds a `B` factor in int8 for mixtures whose
+//! `A x` comes from the quantized base kernel (`qmat`): it adds the combination of its rows.
 //!
 //! The loops are plain Rust written so LLVM vectorises them (eight independent partial sums);
 //! the AVX2 set compiles the very same loops with AVX2 and FMA enabled (the portable build
@@ -113,6 +114,131 @@ impl LowRank {
     }
 }
 
+/// Values per scale of a [`QRows`] row.
+pub const QROWS_BLOCK: usize = 32;
+
+/// `rows` rows of `cols` values held as int8 with an f32 scale per block of [`QROWS_BLOCK`]
+/// (the last block of a row may be shorter): a LoRA `B` factor (transposed, a row per rank
+/// component) at a quarter of its f32 bytes, every value within half a step of its block's
+/// largest / 127.
+pub struct QRows {
+    rows: usize,
+    cols: usize,
+    /// `[rows, cols]`.
+    q: Vec<i8>,
+    /// `[rows, cols.div_ceil(32)]`.
+    d: Vec<f32>,
+}
+
+impl std::fmt::Debug for QRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QRows([{}, {}])", self.rows, self.cols)
+    }
+}
+
+impl QRows {
+    /// Quantizes `v` `[rows, cols]`: per block, `d = max|v| / 127`, `q = round(v / d)`.
+    pub fn quantize(v: &[f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(
+            v.len(),
+            rows * cols,
+            "qrows: {} values for {rows} x {cols}",
+            v.len()
+        );
+        let blocks = cols.div_ceil(QROWS_BLOCK);
+        let mut q = vec![0i8; rows * cols];
+        let mut d = vec![0f32; rows * blocks];
+        for r in 0..rows {
+            for b in 0..blocks {
+                let at = r * cols + b * QROWS_BLOCK;
+                let len = QROWS_BLOCK.min(cols - b * QROWS_BLOCK);
+                let xs = &v[at..at + len];
+                let amax = xs.iter().fold(0f32, |a, x| a.max(x.abs()));
+                let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+                for (o, &x) in q[at..at + len].iter_mut().zip(xs) {
+                    *o = (x * inv).round() as i8;
+                }
+                d[r * blocks + b] = amax / 127.0;
+            }
+        }
+        Self { rows, cols, q, d }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.q.len() + self.d.len() * 4
+    }
+
+    /// Quants `[rows, cols]`, scales `[rows, blocks]` and `cols`, for the SIMD sets.
+    pub(crate) fn parts(&self) -> (&[i8], &[f32], usize) {
+        (&self.q, &self.d, self.cols)
+    }
+
+    /// The values as held, `[rows, cols]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let blocks = self.cols.div_ceil(QROWS_BLOCK);
+        (0..self.rows * self.cols)
+            .map(|i| {
+                let (r, c) = (i / self.cols, i % self.cols);
+                self.d[r * blocks + c / QROWS_BLOCK] * f32::from(self.q[i])
+            })
+            .collect()
+    }
+
+    /// `y[o - first·32] += Σ_r c[r] · row_r[o]` for the columns `o` from block `first` on
+    /// that `y` covers (a whole number of blocks, or up to the last column), the rows summed in
+    /// order into each value: the result does not depend on how the columns are split between
+    /// callers. `c` `[rows]`.
+    pub fn add_combination(&self, isa: Isa, c: &[f32], y: &mut [f32], first: usize) {
+        let at = first * QROWS_BLOCK;
+        assert!(
+            c.len() == self.rows
+                && at + y.len() <= self.cols
+                && (y.len().is_multiple_of(QROWS_BLOCK) || at + y.len() == self.cols),
+            "qrows: {} coefficients, {} outputs from block {first} for {self:?}",
+            c.len(),
+            y.len()
+        );
+        #[cfg(target_arch = "x86_64")]
+        if isa.has_avx2() {
+            // SAFETY: `has_avx2` holds only for sets chosen after detecting AVX2; lengths
+            // asserted above.
+            unsafe { crate::cpu::avx2::qrows_add(self, c, y, at) };
+            return;
+        }
+        let _ = isa;
+        self.add_portable(c, y, at)
+    }
+
+    /// The reference: row by row, plain multiplies and adds (no fused ones, so every set gives
+    /// the same bits).
+    fn add_portable(&self, c: &[f32], y: &mut [f32], at: usize) {
+        let nb = self.cols.div_ceil(QROWS_BLOCK);
+        for (r, &cr) in c.iter().enumerate() {
+            let row = &self.q[r * self.cols + at..][..y.len()];
+            let d = &self.d[r * nb + at / QROWS_BLOCK..(r + 1) * nb];
+            for ((ys, qs), &db) in y
+                .chunks_mut(QROWS_BLOCK)
+                .zip(row.chunks(QROWS_BLOCK))
+                .zip(d)
+            {
+                let s = cr * db;
+                for (a, &q) in ys.iter_mut().zip(qs) {
+                    *a += s * f32::from(q);
+                }
+            }
+        }
+    }
+}
+
 /// Dot product with 8 independent partial sums, which LLVM vectorises.
 #[inline(always)]
 pub fn dot<T: Elem>(a: &[T], b: &[f32]) -> f32 {
@@ -198,6 +324,52 @@ mod tests {
                     assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{isa}: {g} vs {w}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn int8_rows_add_their_combination_within_the_rounding_of_each_value_on_every_set() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        for (rows, cols) in [(1, 32), (24, 576), (8, 70), (5, 3)] {
+            let v = values(rows * cols, &mut rng);
+            let q = QRows::quantize(&v, rows, cols);
+            let held = q.dequantize();
+            for (i, (a, b)) in v.iter().zip(&held).enumerate() {
+                let (r, c) = (i / cols, i % cols);
+                let blk = &v[r * cols + c / 32 * 32..r * cols + (c / 32 * 32 + 32).min(cols)];
+                let amax = blk.iter().fold(0f32, |m, x| m.max(x.abs()));
+                assert!((a - b).abs() <= amax / 254.0 * 1.0001, "{a} held as {b}");
+            }
+            let c = values(rows, &mut rng);
+            let y0 = values(cols, &mut rng);
+            let want: Vec<f64> = (0..cols)
+                .map(|o| {
+                    y0[o] as f64
+                        + (0..rows)
+                            .map(|r| c[r] as f64 * held[r * cols + o] as f64)
+                            .sum::<f64>()
+                })
+                .collect();
+            let mut outs = Vec::new();
+            for isa in Isa::available() {
+                let mut y = y0.clone();
+                q.add_combination(isa, &c, &mut y, 0);
+                for (g, w) in y.iter().zip(&want) {
+                    assert!(
+                        (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "{isa}: {g} vs {w}"
+                    );
+                }
+                // Any split of the blocks gives the same bits.
+                let mut split = y0.clone();
+                for (b, part) in split.chunks_mut(QROWS_BLOCK).enumerate() {
+                    q.add_combination(isa, &c, part, b);
+                }
+                assert_eq!(y, split, "{isa}");
+                outs.push(y);
+            }
+            // Plain multiplies and adds on every set: the same bits.
+            assert!(outs.windows(2).all(|w| w[0] == w[1]));
         }
     }
 

@@ -282,6 +282,36 @@ impl QMatrix {
         Ok(Self { qtype, n, k, data })
     }
 
+    /// Quantizes `[n, k]` f32 values to Q8_0 blocks as ggml does (`d = max|v| / 127` in f16,
+    /// `q = round(v / d)`) and packs them: small f32 matrices (a LoRA mixture's stacked `A`
+    /// factors) multiplied in the same pass as the base weights.
+    pub fn quantize_q8_0(values: &[f32], n: usize, k: usize) -> Result<Self, QMatError> {
+        let block = QType::Q8_0.block_values();
+        assert_eq!(
+            values.len(),
+            n * k,
+            "qmat: {} values for {n} x {k}",
+            values.len()
+        );
+        if k == 0 || !k.is_multiple_of(block) {
+            return Err(QMatError::Columns {
+                qtype: QType::Q8_0,
+                n,
+                k,
+                block,
+            });
+        }
+        let mut bytes = Vec::with_capacity(n * k / block * QType::Q8_0.block_bytes());
+        for xs in values.chunks_exact(block) {
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            bytes.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
+            bytes.extend(xs.iter().map(|&v| (v * inv).round() as i8 as u8));
+        }
+        Self::pack(QType::Q8_0, &bytes, n, k)
+    }
+
     pub fn qtype(&self) -> QType {
         self.qtype
     }
@@ -1020,6 +1050,26 @@ mod tests {
                 check_every_set(&qm, &x, m);
             }
         }
+    }
+
+    #[test]
+    fn f32_values_quantized_to_q8_0_stay_within_half_a_step_and_multiply_on_every_set() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let (n, k, m) = (24, 576, 3);
+        let v: Vec<f32> = (0..n * k).map(|_| rng.random_range(-0.2..0.2)).collect();
+        let qm = QMatrix::quantize_q8_0(&v, n, k).unwrap();
+        assert_eq!((qm.rows(), qm.cols(), qm.qtype()), (n, k, QType::Q8_0));
+        for (blk_v, blk_q) in v.chunks_exact(32).zip(qm.dequantize().chunks_exact(32)) {
+            let amax = blk_v.iter().fold(0f32, |a, x| a.max(x.abs()));
+            // Half a step, plus the f16 rounding of the scale (2^-11 of it) over 127 steps.
+            let bound = amax / 127.0 * (0.5 + 127.0 / 2048.0) + 1e-7;
+            for (a, b) in blk_v.iter().zip(blk_q) {
+                assert!((a - b).abs() <= bound, "{a} held as {b}, bound {bound}");
+            }
+        }
+        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        check_every_set(&qm, &x, m);
+        assert!(QMatrix::quantize_q8_0(&v[..n * 40], n, 40).is_err());
     }
 
     /// The largest integer sums: every quant at its top (or bottom) value, every activation

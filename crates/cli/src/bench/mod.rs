@@ -368,16 +368,21 @@ fn lora_bench(b: LoraBench) -> Result<()> {
         let mix = CompiledMix::with_precision(Plan::Mixture, &loaded, p)?;
         Ok(MixDelta::single(Some(Arc::new(mix))))
     };
-    let (f32_mix, bf16_mix) = (compile(Precision::F32)?, compile(Precision::Bf16)?);
+    let (f32_mix, bf16_mix, int8_mix) = (
+        compile(Precision::F32)?,
+        compile(Precision::Bf16)?,
+        compile(Precision::Int8)?,
+    );
     let reference = f32_mix.reference();
-    let variants: [(&str, &dyn SiteDelta); 4] = [
+    let variants: [(&str, &dyn SiteDelta); 5] = [
         ("base (no adapter)", &NoDelta),
+        ("mixture, int8 factors", &int8_mix),
         ("mixture, bf16 factors", &bf16_mix),
         ("mixture, f32 factors", &f32_mix),
         ("mixture, f32 via GEMM", &reference),
     ];
     let prompt = synthetic_ids(32, d.config().vocab_size);
-    let mut best = [0f64; 4];
+    let mut best = [0f64; 5];
     // Interleaved, best of N: every variant sees the same machine conditions.
     for rep in 0..=b.repeats {
         for (i, (_, delta)) in variants.iter().enumerate() {

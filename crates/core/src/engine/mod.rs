@@ -96,7 +96,7 @@ impl Default for EngineConfig {
             prefill_chunk: 128,
             queue: 64,
             adapter_budget: 1 << 30,
-            precision: Precision::Bf16,
+            precision: Precision::Int8,
             strategy: None,
             prefix_cache_bytes: 256 << 20,
         }

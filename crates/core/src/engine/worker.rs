@@ -547,4 +547,25 @@ impl crate::model::SiteDelta for StepDelta<'_> {
         }
         Ok(())
     }
+
+    fn packed_a(&self, sites: &[crate::model::Site]) -> Vec<&ramole_kernels::qmat::QMatrix> {
+        self.mix.packed_a(sites)
+    }
+
+    fn add_packed(
+        &self,
+        sites: &[crate::model::Site],
+        x: &candle_core::Tensor,
+        a_out: &[Vec<f32>],
+        rows: &[crate::batch::RowSpan],
+        ys: &mut [&mut [f32]],
+    ) -> candle_core::Result<()> {
+        self.mix.add_packed(sites, x, a_out, rows, ys)?;
+        for r in self.routed {
+            for (&site, y) in sites.iter().zip(ys.iter_mut()) {
+                r.add_into(site, x, rows, y)?;
+            }
+        }
+        Ok(())
+    }
 }

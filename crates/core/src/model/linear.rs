@@ -57,6 +57,17 @@ impl SiteKind {
             SiteKind::Down => "down_proj",
         }
     }
+
+    /// Sites of one layer with the same number read the same activations (q, k and v; gate and
+    /// up) and are multiplied in one pass.
+    pub fn input(self) -> u8 {
+        match self {
+            SiteKind::Q | SiteKind::K | SiteKind::V => 0,
+            SiteKind::O => 1,
+            SiteKind::Gate | SiteKind::Up => 2,
+            SiteKind::Down => 3,
+        }
+    }
 }
 
 /// Where a linear layer sits in the decoder.
@@ -108,6 +119,32 @@ pub trait SiteDelta: Sync {
             Some(d) => add_tensor(y, &d),
             None => Ok(()),
         }
+    }
+
+    /// Int8 factors to multiply in the base product's own pass over `sites` (sites of one
+    /// layer reading one input, see [`SiteKind::input`]), with the activations the base kernel
+    /// quantized: the caller hands each one's product `[n, rows]` to [`SiteDelta::add_packed`].
+    /// None by default.
+    fn packed_a(&self, sites: &[Site]) -> Vec<&QMatrix> {
+        let _ = sites;
+        Vec::new()
+    }
+
+    /// Adds the terms at `sites` into `ys[i]` (`[n, out_i]`), given `a_out[j]`, the quantized
+    /// `x` times `packed_a(sites)[j]`ᵀ. By default each site's [`SiteDelta::add_into`].
+    fn add_packed(
+        &self,
+        sites: &[Site],
+        x: &Tensor,
+        a_out: &[Vec<f32>],
+        rows: &[RowSpan],
+        ys: &mut [&mut [f32]],
+    ) -> candle_core::Result<()> {
+        let _ = a_out;
+        for (site, y) in sites.iter().zip(ys.iter_mut()) {
+            self.add_into(*site, x, rows, y)?;
+        }
+        Ok(())
     }
 }
 
@@ -319,6 +356,13 @@ impl Linear {
         let x = x.contiguous()?;
         let m = x.dim(0)?;
         let mut ys: Vec<Vec<f32>> = packed.iter().map(|w| vec![0f32; m * w.rows()]).collect();
+        // Every linear of the decoder has a site; the mixture's int8 `A` factors of these sites
+        // ride along in the base product's pass.
+        let sites: Option<Vec<Site>> = linears.iter().map(|l| l.site).collect();
+        let extra = sites
+            .as_deref()
+            .map_or_else(Vec::new, |s| delta.packed_a(s));
+        let mut a_out: Vec<Vec<f32>> = extra.iter().map(|w| vec![0f32; m * w.rows()]).collect();
         {
             let (storage, layout) = x.storage_and_layout();
             let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
@@ -330,16 +374,27 @@ impl Linear {
             let mut parts: Vec<(&QMatrix, &mut [f32])> = packed
                 .iter()
                 .zip(ys.iter_mut())
+                .chain(extra.iter().zip(a_out.iter_mut()))
                 .map(|(w, y)| (*w, y.as_mut_slice()))
                 .collect();
             QMatrix::matmul_many(Isa::detect(), &mut parts, &acts);
         }
+        match &sites {
+            Some(sites) => {
+                let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+                delta.add_packed(sites, &x, &a_out, rows, &mut outs)?;
+            }
+            None => {
+                for (l, y) in linears.iter().zip(ys.iter_mut()) {
+                    if let Some(site) = l.site {
+                        delta.add_into(site, &x, rows, y)?;
+                    }
+                }
+            }
+        }
         let mut ys = ys.into_iter();
         try_array(linears.map(|l| {
-            let mut y = ys.next().expect("one output per linear");
-            if let Some(site) = l.site {
-                delta.add_into(site, &x, rows, &mut y)?;
-            }
+            let y = ys.next().expect("one output per linear");
             let y = Tensor::from_vec(y, (m, l.out_features), x.device())?;
             match &l.bias {
                 Some(b) => y.broadcast_add(b),

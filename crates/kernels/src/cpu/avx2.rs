@@ -217,6 +217,48 @@ pub(crate) unsafe fn lowrank<T: crate::lowrank::Elem>(
     shape.apply_portable(a, b_t, x, scales, y)
 }
 
+/// [`crate::lowrank::QRows::add_combination`] for AVX2: row by row, each whole block of 32
+/// as four 8-lane multiplies and adds (separate, no fused ones: the portable loop's bits).
+///
+/// # Safety
+/// The CPU must support AVX2; the operands fit (asserted by the caller).
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn qrows_add(rows: &crate::lowrank::QRows, c: &[f32], y: &mut [f32], at: usize) {
+    use crate::lowrank::QROWS_BLOCK;
+    let (q, d, cols) = rows.parts();
+    let nb = cols.div_ceil(QROWS_BLOCK);
+    let whole = y.len() / QROWS_BLOCK;
+    for (r, &cr) in c.iter().enumerate() {
+        let row = &q[r * cols + at..][..y.len()];
+        let d = &d[r * nb + at / QROWS_BLOCK..(r + 1) * nb];
+        for (b, &db) in d.iter().enumerate().take(whole) {
+            // SAFETY: block `b < whole` lies inside `row` and `y` (both `y.len()` long); AVX2
+            // is enabled on this function.
+            unsafe {
+                let sv = _mm256_set1_ps(cr * db);
+                let src = row.as_ptr().add(b * QROWS_BLOCK);
+                let dst = y.as_mut_ptr().add(b * QROWS_BLOCK);
+                for l in 0..4 {
+                    let qi =
+                        _mm256_cvtepi8_epi32(_mm_loadl_epi64(src.add(8 * l) as *const __m128i));
+                    let p = _mm256_mul_ps(sv, _mm256_cvtepi32_ps(qi));
+                    let o = dst.add(8 * l);
+                    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), p));
+                }
+            }
+        }
+        if whole * QROWS_BLOCK < y.len() {
+            let s = cr * d[whole];
+            for (a, &v) in y[whole * QROWS_BLOCK..]
+                .iter_mut()
+                .zip(&row[whole * QROWS_BLOCK..])
+            {
+                *a += s * f32::from(v);
+            }
+        }
+    }
+}
+
 // ---- attention ------------------------------------------------------------------------------
 /// # Safety
 /// The CPU must support AVX2 and FMA; the operands fit (checked by `Attention::causal_with`).
