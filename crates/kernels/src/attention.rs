@@ -661,7 +661,12 @@ impl Tile<'_> {
                 let n = KB.min(b1 - j);
                 for x in 0..RB {
                     let dst = sp.add((r0 + x) * self.ld + j - self.base);
-                    std::ptr::copy_nonoverlapping(sums.as_ptr().add(x * KB), dst, n);
+                    // A fixed-length copy when the group is whole: no call to `memcpy`.
+                    if n == KB {
+                        std::ptr::copy_nonoverlapping(sums.as_ptr().add(x * KB), dst, KB);
+                    } else {
+                        std::ptr::copy_nonoverlapping(sums.as_ptr().add(x * KB), dst, n);
+                    }
                 }
             }
             j += KB;
