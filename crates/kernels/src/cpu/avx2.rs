@@ -274,7 +274,112 @@ pub(crate) unsafe fn attention_query(
     v: crate::attention::KvView<'_>,
     out: &mut [f32],
 ) {
-    a.query_portable::<true>(isa, q, at, head, k, v, out)
+    a.query_reference::<true>(isa, q, at, head, k, v, out)
+}
+
+/// Eight lanes of the tiled attention ([`crate::attention::Lanes`]).
+pub(crate) struct Lanes8;
+
+// SAFETY: every method needs AVX2 and FMA, which the trait's contract has its caller detect;
+// pointers are valid for 8 floats by that contract.
+unsafe impl crate::attention::Lanes for Lanes8 {
+    type V = __m256;
+    const L: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> __m256 {
+        // SAFETY: the trait's contract (AVX2 detected, run inside an AVX2 function).
+        unsafe { _mm256_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> __m256 {
+        // SAFETY: as in `zero`.
+        unsafe { _mm256_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m256 {
+        // SAFETY: as in `zero`; `p` is valid for 8 floats.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, x: __m256) {
+        // SAFETY: as in `load`.
+        unsafe { _mm256_storeu_ps(p, x) }
+    }
+    #[inline(always)]
+    unsafe fn madd(a: __m256, b: __m256, c: __m256) -> __m256 {
+        // SAFETY: as in `zero` (FMA is detected with AVX2).
+        unsafe { _mm256_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: as in `zero`.
+        unsafe { _mm256_add_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: as in `zero`.
+        unsafe { _mm256_sub_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: as in `zero`.
+        unsafe { _mm256_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn max(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: as in `zero`.
+        unsafe { _mm256_max_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn exp(x: __m256) -> __m256 {
+        // SAFETY: as in `zero`.
+        unsafe { exp(x) }
+    }
+    /// Three rounds of shuffles and adds fold 8 vectors at once: halves (`x[l] + x[l + 4]`),
+    /// then pairs, then neighbours — [`crate::attention::fold`]'s tree for every vector. The
+    /// inputs enter in the order that leaves lane `n` holding `ys[n]`'s sum.
+    #[inline(always)]
+    unsafe fn fold_each(ys: &[__m256]) -> __m256 {
+        let x = [ys[0], ys[4], ys[1], ys[5], ys[2], ys[6], ys[3], ys[7]];
+        // SAFETY: as in `zero`.
+        unsafe {
+            let mut h = [_mm256_setzero_ps(); 4];
+            for (i, h) in h.iter_mut().enumerate() {
+                let (a, b) = (x[2 * i], x[2 * i + 1]);
+                *h = _mm256_add_ps(
+                    _mm256_permute2f128_ps::<0x20>(a, b),
+                    _mm256_permute2f128_ps::<0x31>(a, b),
+                );
+            }
+            let mut q = [_mm256_setzero_ps(); 2];
+            for (j, q) in q.iter_mut().enumerate() {
+                let (a, b) = (h[2 * j], h[2 * j + 1]);
+                *q = _mm256_add_ps(
+                    _mm256_shuffle_ps::<0x44>(a, b),
+                    _mm256_shuffle_ps::<0xEE>(a, b),
+                );
+            }
+            _mm256_add_ps(
+                _mm256_shuffle_ps::<0x88>(q[0], q[1]),
+                _mm256_shuffle_ps::<0xDD>(q[0], q[1]),
+            )
+        }
+    }
+}
+
+/// The tiled attention of one work item on 8 lanes.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; as [`crate::attention::Tile::compute`]'s.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn attention_tile(
+    tile: &crate::attention::Tile<'_>,
+    scores: &mut [f32],
+    acc: &mut [f32],
+    inv: &mut [f32],
+) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { tile.compute::<Lanes8>(scores, acc, inv) }
 }
 
 // ---- qdot -----------------------------------------------------------------------------------

@@ -375,3 +375,145 @@ unsafe fn qmat_rows<const BITS: u8, const HALVES: bool, const SUPERS: bool, cons
         }
     }
 }
+
+// ---- attention ------------------------------------------------------------------------------
+
+/// `exp(x)` on 16 lanes: the AVX2 `exp` (Cephes expf) widened, the same operations per lane.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn exp16(x: __m512) -> __m512 {
+    let x = _mm512_max_ps(
+        _mm512_min_ps(x, _mm512_set1_ps(88.376_26)),
+        _mm512_set1_ps(-87.336_55),
+    );
+    let fx = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
+    // ln 2 split in two so `x - fx·ln 2` keeps its low bits.
+    let r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693_359_4), x);
+    let r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut y = _mm512_set1_ps(1.987_569_1e-4);
+    for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+        y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+    }
+    let r2 = _mm512_mul_ps(r, r);
+    let y = _mm512_fmadd_ps(y, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+    let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+        _mm512_cvtps_epi32(fx),
+        _mm512_set1_epi32(127),
+    ));
+    _mm512_mul_ps(y, _mm512_castsi512_ps(pow2))
+}
+
+/// Sixteen lanes of the tiled attention ([`crate::attention::Lanes`]).
+pub(crate) struct Lanes16;
+
+// SAFETY: every method needs AVX-512F, which the trait's contract has its caller detect;
+// pointers are valid for 16 floats by that contract.
+unsafe impl crate::attention::Lanes for Lanes16 {
+    type V = __m512;
+    const L: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> __m512 {
+        // SAFETY: the trait's contract (AVX-512F detected, run inside such a function).
+        unsafe { _mm512_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> __m512 {
+        // SAFETY: as in `zero`.
+        unsafe { _mm512_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m512 {
+        // SAFETY: as in `zero`; `p` is valid for 16 floats.
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, x: __m512) {
+        // SAFETY: as in `load`.
+        unsafe { _mm512_storeu_ps(p, x) }
+    }
+    #[inline(always)]
+    unsafe fn madd(a: __m512, b: __m512, c: __m512) -> __m512 {
+        // SAFETY: as in `zero`.
+        unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        // SAFETY: as in `zero`.
+        unsafe { _mm512_add_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+        // SAFETY: as in `zero`.
+        unsafe { _mm512_sub_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+        // SAFETY: as in `zero`.
+        unsafe { _mm512_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn max(a: __m512, b: __m512) -> __m512 {
+        // SAFETY: as in `zero`.
+        unsafe { _mm512_max_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn exp(x: __m512) -> __m512 {
+        // SAFETY: as in `zero`.
+        unsafe { exp16(x) }
+    }
+    /// Four rounds of shuffles and adds fold 16 vectors at once: 256-bit halves, 128-bit
+    /// quarters, pairs, neighbours — [`crate::attention::fold`]'s tree for every vector. The
+    /// inputs enter transposed (as 4 × 4) so lane `n` ends up holding `ys[n]`'s sum.
+    #[inline(always)]
+    unsafe fn fold_each(ys: &[__m512]) -> __m512 {
+        let x: [__m512; 16] = std::array::from_fn(|n| ys[(n % 4) * 4 + n / 4]);
+        // SAFETY: as in `zero`.
+        unsafe {
+            let mut h = [_mm512_setzero_ps(); 8];
+            for (i, h) in h.iter_mut().enumerate() {
+                let (a, b) = (x[2 * i], x[2 * i + 1]);
+                *h = _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0x44>(a, b),
+                    _mm512_shuffle_f32x4::<0xEE>(a, b),
+                );
+            }
+            let mut q = [_mm512_setzero_ps(); 4];
+            for (j, q) in q.iter_mut().enumerate() {
+                let (a, b) = (h[2 * j], h[2 * j + 1]);
+                *q = _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0x88>(a, b),
+                    _mm512_shuffle_f32x4::<0xDD>(a, b),
+                );
+            }
+            let mut w = [_mm512_setzero_ps(); 2];
+            for (j, w) in w.iter_mut().enumerate() {
+                let (a, b) = (q[2 * j], q[2 * j + 1]);
+                *w = _mm512_add_ps(
+                    _mm512_shuffle_ps::<0x44>(a, b),
+                    _mm512_shuffle_ps::<0xEE>(a, b),
+                );
+            }
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0x88>(w[0], w[1]),
+                _mm512_shuffle_ps::<0xDD>(w[0], w[1]),
+            )
+        }
+    }
+}
+
+/// The tiled attention of one work item on 16 lanes.
+///
+/// # Safety
+/// The CPU must support AVX-512F, AVX2 and FMA; as [`crate::attention::Tile::compute`]'s.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(crate) unsafe fn attention_tile(
+    tile: &crate::attention::Tile<'_>,
+    scores: &mut [f32],
+    acc: &mut [f32],
+    inv: &mut [f32],
+) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { tile.compute::<Lanes16>(scores, acc, inv) }
+}
