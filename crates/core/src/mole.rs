@@ -13,6 +13,12 @@
 //! or step (see [`MixDelta`]), so batched rows and prefix-cached prompts give the numbers of the
 //! request alone.
 //!
+//! At [`Precision::Int8`] (the engine's) a mixture's `A` factors of the sites that read one input
+//! of a layer are stacked into one Q8_0 matrix ([`SiteDelta::packed_a`]) that a packed base
+//! product multiplies in its own pass, with the activations it quantized anyway; the `B` factors
+//! are int8 rows added token by token, split over two threads (`Int8Job`). Without a packed
+//! base the same numbers come from quantizing the activations here.
+//!
 //! `router` rows are not compiled here: their gates are computed per token at every site by the
 //! RouterLoRA (`router`), and the engine holds either kind of row (`engine::RowMix`).
 

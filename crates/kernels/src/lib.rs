@@ -10,7 +10,7 @@
 //! | [`gemm`] | few-row GEMM against a pre-packed weight (the query encoder) | AVX2, AVX-512, AMX |
 //! | [`activation`] | GELU (erf), `exp` for the softmax, row softmax | AVX2 |
 //! | [`attention`] | causal attention of new tokens against the KV cache, tiled by kv head | AVX-512, AVX2 |
-//! | [`lowrank`] | the LoRA decode loops `y += s B (A x)` and `dot` | AVX2 |
+//! | [`lowrank`] | the LoRA decode loops `y += s B (A x)`, `dot`, int8 `B` rows ([`lowrank::QRows`]) | AVX2 |
 //! | [`qdot`] | quantized (Q8_0) or f32 weight rows against few activation rows | AVX2 |
 //! | [`qmat`] | GGUF-typed weights repacked into panels × int8 activations (decode and prefill) | AVX-512 VNNI, AVX2 |
 //! | [`scan`] | f32 query against f16 rows (the adapter index's exact scan) | AVX2 |
