@@ -120,13 +120,15 @@ pub const QROWS_BLOCK: usize = 32;
 /// `rows` rows of `cols` values held as int8 with an f32 scale per block of [`QROWS_BLOCK`]
 /// (the last block of a row may be shorter): a LoRA `B` factor (transposed, a row per rank
 /// component) at a quarter of its f32 bytes, every value within half a step of its block's
-/// largest / 127.
+/// largest / 127. Stored block-major (`[blocks][rows][32]`): a run of output columns reads one
+/// contiguous stretch, where row-major rows would be `rows` short streams (k/v rows of a few
+/// hundred bytes) that the hardware prefetcher never catches.
 pub struct QRows {
     rows: usize,
     cols: usize,
-    /// `[rows, cols]`.
+    /// `[blocks, rows, 32]`, the last block zero-padded.
     q: Vec<i8>,
-    /// `[rows, cols.div_ceil(32)]`.
+    /// `[blocks, rows]`.
     d: Vec<f32>,
 }
 
@@ -146,8 +148,8 @@ impl QRows {
             v.len()
         );
         let blocks = cols.div_ceil(QROWS_BLOCK);
-        let mut q = vec![0i8; rows * cols];
-        let mut d = vec![0f32; rows * blocks];
+        let mut q = vec![0i8; blocks * rows * QROWS_BLOCK];
+        let mut d = vec![0f32; blocks * rows];
         for r in 0..rows {
             for b in 0..blocks {
                 let at = r * cols + b * QROWS_BLOCK;
@@ -155,10 +157,11 @@ impl QRows {
                 let xs = &v[at..at + len];
                 let amax = xs.iter().fold(0f32, |a, x| a.max(x.abs()));
                 let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-                for (o, &x) in q[at..at + len].iter_mut().zip(xs) {
+                let dst = &mut q[(b * rows + r) * QROWS_BLOCK..][..len];
+                for (o, &x) in dst.iter_mut().zip(xs) {
                     *o = (x * inv).round() as i8;
                 }
-                d[r * blocks + b] = amax / 127.0;
+                d[b * rows + r] = amax / 127.0;
             }
         }
         Self { rows, cols, q, d }
@@ -177,18 +180,18 @@ impl QRows {
         self.q.len() + self.d.len() * 4
     }
 
-    /// Quants `[rows, cols]`, scales `[rows, blocks]` and `cols`, for the SIMD sets.
-    pub(crate) fn parts(&self) -> (&[i8], &[f32], usize) {
-        (&self.q, &self.d, self.cols)
+    /// Quants `[blocks, rows, 32]` and scales `[blocks, rows]`, for the SIMD sets.
+    pub(crate) fn parts(&self) -> (&[i8], &[f32]) {
+        (&self.q, &self.d)
     }
 
     /// The values as held, `[rows, cols]`.
     pub fn dequantize(&self) -> Vec<f32> {
-        let blocks = self.cols.div_ceil(QROWS_BLOCK);
         (0..self.rows * self.cols)
             .map(|i| {
                 let (r, c) = (i / self.cols, i % self.cols);
-                self.d[r * blocks + c / QROWS_BLOCK] * f32::from(self.q[i])
+                let (b, j) = (c / QROWS_BLOCK, c % QROWS_BLOCK);
+                self.d[b * self.rows + r] * f32::from(self.q[(b * self.rows + r) * QROWS_BLOCK + j])
             })
             .collect()
     }
@@ -211,26 +214,21 @@ impl QRows {
         if isa.has_avx2() {
             // SAFETY: `has_avx2` holds only for sets chosen after detecting AVX2; lengths
             // asserted above.
-            unsafe { crate::cpu::avx2::qrows_add(self, c, y, at) };
+            unsafe { crate::cpu::avx2::qrows_add(self, c, y, first) };
             return;
         }
         let _ = isa;
-        self.add_portable(c, y, at)
+        self.add_portable(c, y, first)
     }
 
-    /// The reference: row by row, plain multiplies and adds (no fused ones, so every set gives
-    /// the same bits).
-    fn add_portable(&self, c: &[f32], y: &mut [f32], at: usize) {
-        let nb = self.cols.div_ceil(QROWS_BLOCK);
-        for (r, &cr) in c.iter().enumerate() {
-            let row = &self.q[r * self.cols + at..][..y.len()];
-            let d = &self.d[r * nb + at / QROWS_BLOCK..(r + 1) * nb];
-            for ((ys, qs), &db) in y
-                .chunks_mut(QROWS_BLOCK)
-                .zip(row.chunks(QROWS_BLOCK))
-                .zip(d)
-            {
-                let s = cr * db;
+    /// The reference: block by block, the rows in order into each value, plain multiplies and
+    /// adds (no fused ones, so every set gives the same bits).
+    fn add_portable(&self, c: &[f32], y: &mut [f32], first: usize) {
+        for (i, ys) in y.chunks_mut(QROWS_BLOCK).enumerate() {
+            let b = first + i;
+            for (r, &cr) in c.iter().enumerate() {
+                let s = cr * self.d[b * self.rows + r];
+                let qs = &self.q[(b * self.rows + r) * QROWS_BLOCK..][..ys.len()];
                 for (a, &q) in ys.iter_mut().zip(qs) {
                     *a += s * f32::from(q);
                 }

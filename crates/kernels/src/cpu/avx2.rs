@@ -223,36 +223,52 @@ pub(crate) unsafe fn lowrank<T: crate::lowrank::Elem>(
 /// # Safety
 /// The CPU must support AVX2; the operands fit (asserted by the caller).
 #[target_feature(enable = "avx2")]
-pub(crate) unsafe fn qrows_add(rows: &crate::lowrank::QRows, c: &[f32], y: &mut [f32], at: usize) {
+pub(crate) unsafe fn qrows_add(
+    rows: &crate::lowrank::QRows,
+    c: &[f32],
+    y: &mut [f32],
+    first: usize,
+) {
     use crate::lowrank::QROWS_BLOCK;
-    let (q, d, cols) = rows.parts();
-    let nb = cols.div_ceil(QROWS_BLOCK);
+    let (q, d) = rows.parts();
+    let n = rows.rows();
     let whole = y.len() / QROWS_BLOCK;
-    for (r, &cr) in c.iter().enumerate() {
-        let row = &q[r * cols + at..][..y.len()];
-        let d = &d[r * nb + at / QROWS_BLOCK..(r + 1) * nb];
-        for (b, &db) in d.iter().enumerate().take(whole) {
-            // SAFETY: block `b < whole` lies inside `row` and `y` (both `y.len()` long); AVX2
-            // is enabled on this function.
-            unsafe {
-                let sv = _mm256_set1_ps(cr * db);
-                let src = row.as_ptr().add(b * QROWS_BLOCK);
-                let dst = y.as_mut_ptr().add(b * QROWS_BLOCK);
-                for l in 0..4 {
+    // A block of 32 outputs stays in four registers while every row adds into it (the rows'
+    // order per value is the portable loop's), reading the block's rows as one stretch.
+    for i in 0..whole {
+        let b = first + i;
+        // SAFETY: block `i < whole` lies inside `y`; block `b` of the quants holds `n * 32`
+        // values and of the scales `n` (`b < blocks`, asserted by the caller). AVX2 is enabled.
+        unsafe {
+            let dst = y.as_mut_ptr().add(i * QROWS_BLOCK);
+            let mut acc = [
+                _mm256_loadu_ps(dst),
+                _mm256_loadu_ps(dst.add(8)),
+                _mm256_loadu_ps(dst.add(16)),
+                _mm256_loadu_ps(dst.add(24)),
+            ];
+            let src = q.as_ptr().add(b * n * QROWS_BLOCK);
+            let ds = d.as_ptr().add(b * n);
+            for (r, &cr) in c.iter().enumerate() {
+                let sv = _mm256_set1_ps(cr * *ds.add(r));
+                let row = src.add(r * QROWS_BLOCK);
+                for (l, a) in acc.iter_mut().enumerate() {
                     let qi =
-                        _mm256_cvtepi8_epi32(_mm_loadl_epi64(src.add(8 * l) as *const __m128i));
-                    let p = _mm256_mul_ps(sv, _mm256_cvtepi32_ps(qi));
-                    let o = dst.add(8 * l);
-                    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), p));
+                        _mm256_cvtepi8_epi32(_mm_loadl_epi64(row.add(8 * l) as *const __m128i));
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(sv, _mm256_cvtepi32_ps(qi)));
                 }
             }
+            for (l, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(dst.add(8 * l), *a);
+            }
         }
-        if whole * QROWS_BLOCK < y.len() {
-            let s = cr * d[whole];
-            for (a, &v) in y[whole * QROWS_BLOCK..]
-                .iter_mut()
-                .zip(&row[whole * QROWS_BLOCK..])
-            {
+    }
+    if whole * QROWS_BLOCK < y.len() {
+        let (t, b) = (whole * QROWS_BLOCK, first + whole);
+        for (r, &cr) in c.iter().enumerate() {
+            let s = cr * d[b * n + r];
+            let row = &q[(b * n + r) * QROWS_BLOCK..][..y.len() - t];
+            for (a, &v) in y[t..].iter_mut().zip(row) {
                 *a += s * f32::from(v);
             }
         }
