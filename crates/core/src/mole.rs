@@ -548,12 +548,6 @@ impl MixDelta {
         (gather, union)
     }
 
-    /// Each row's term is `sum_j scale_j B_j (A_j x_t)` over its terms in its own order, every
-    /// token through the same loop whatever the number of tokens. The strategy only groups the
-    /// reads; the arithmetic of a token is fixed by its row's mixture alone, so a row's numbers
-    /// do not depend on its neighbours in the batch or on how its prompt was split into steps
-    /// (a last-bit difference would otherwise flip the base kernel's int8 rounding of the next
-    /// activation, and then a greedy token).
     /// The output width of `site`, if any row has a term there.
     fn site_out(&self, site: Site) -> Option<usize> {
         self.rows.iter().flatten().find_map(|m| m.out_at(site))
@@ -644,8 +638,15 @@ impl MixDelta {
         }
     }
 
-    /// Adds the terms into `y` `[n, out]`; `false` where `x` is not f32 in CPU memory (the
-    /// caller then takes the reference).
+    /// Each row's term is `sum_j scale_j B_j (A_j x_t)` over its terms in its own order, every
+    /// token through the same loop whatever the number of tokens. The strategy only groups the
+    /// reads; the arithmetic of a token is fixed by its row's mixture alone, so a row's numbers
+    /// do not depend on its neighbours in the batch or on how its prompt was split into steps
+    /// (a last-bit difference would otherwise flip the base kernel's int8 rounding of the next
+    /// activation, and then a greedy token).
+    ///
+    /// Adds the terms into `y` `[n, out]` (the int8 ones too where `int8`); `false` where `x` is
+    /// not f32 in CPU memory (the caller then takes the reference).
     fn add_fast(
         &self,
         site: Site,
