@@ -43,6 +43,8 @@ pub enum MoleError {
     Plan(String),
     #[error("gate: {0}")]
     Gate(String),
+    #[error("precision: {0}")]
+    Precision(String),
     #[error("tensor op: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -88,7 +90,7 @@ impl std::str::FromStr for Precision {
             "f32" => Ok(Precision::F32),
             "bf16" => Ok(Precision::Bf16),
             "int8" => Ok(Precision::Int8),
-            _ => Err(MoleError::Plan(format!(
+            _ => Err(MoleError::Precision(format!(
                 "LoRA precision {s:?}: expected f32, bf16 or int8"
             ))),
         }
@@ -285,8 +287,16 @@ impl CompiledMix {
         // Int8 terms are built from exact f32 pairs, then stacked per layer input.
         let mut int8: BTreeMap<(usize, u8), Vec<SiteTerms>> = BTreeMap::new();
         for (site, parts) in by_site {
+            // Int8 sites are stacked from exact f32 pairs; widths the int8 kernels do not take
+            // keep bf16 factors.
+            let aligned = parts.iter().all(|(f, _)| {
+                f.a.dim(1)
+                    .is_ok_and(|i| i.is_multiple_of(ramole_kernels::qmat::GROUP))
+                    && f.b_t.dim(1).is_ok_and(|o| o.is_multiple_of(QROWS_BLOCK))
+            });
             let held = match precision {
-                Precision::Int8 => Precision::F32,
+                Precision::Int8 if aligned => Precision::F32,
+                Precision::Int8 => Precision::Bf16,
                 p => p,
             };
             let pair = |a: Tensor, b_t: Tensor, scale: f32| -> candle_core::Result<SitePair> {
@@ -317,29 +327,10 @@ impl CompiledMix {
                     .map(|(f, g)| pair(f.a.clone(), f.b_t.clone(), g * f.scale))
                     .collect::<candle_core::Result<Vec<_>>>()?,
             };
-            let aligned = terms.iter().all(|p| {
-                p.inp.is_multiple_of(ramole_kernels::qmat::GROUP)
-                    && p.out.is_multiple_of(QROWS_BLOCK)
-            });
-            match precision {
-                Precision::Int8 if aligned => {
-                    int8.entry(input_of(site)).or_default().push((site, terms))
-                }
-                // Widths the int8 kernels do not take: bf16, as `Values::new` holds them.
-                Precision::Int8 => {
-                    let terms = terms
-                        .into_iter()
-                        .map(|p| SitePair {
-                            a: Values::new(p.a.f32().expect("held in f32").to_vec(), precision),
-                            b_t: Values::new(p.b_t.f32().expect("held in f32").to_vec(), precision),
-                            ..p
-                        })
-                        .collect();
-                    sites.insert(site, terms);
-                }
-                _ => {
-                    sites.insert(site, terms);
-                }
+            if precision == Precision::Int8 && aligned {
+                int8.entry(input_of(site)).or_default().push((site, terms));
+            } else {
+                sites.insert(site, terms);
             }
         }
         let passes = int8
@@ -983,6 +974,19 @@ mod tests {
         let e = check_gates(&[0.5, -0.1]).unwrap_err().to_string();
         assert!(e.contains("gate 1 = -0.1"), "{e}");
         assert!(check_gates(&[f32::INFINITY]).is_err());
+    }
+
+    #[test]
+    fn precision_names_parse_and_others_are_refused_by_name() {
+        for (n, p) in [
+            ("f32", Precision::F32),
+            ("bf16", Precision::Bf16),
+            ("int8", Precision::Int8),
+        ] {
+            assert_eq!(n.parse::<Precision>().unwrap(), p);
+        }
+        let e = "int4".parse::<Precision>().unwrap_err().to_string();
+        assert!(e.contains("\"int4\"") && e.contains("int8"), "{e}");
     }
 
     #[test]
